@@ -1,0 +1,5 @@
+import sys
+
+from blockdrop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad file, bad field, bad flag) is raised as a
+``BlockdropError`` whose message names the file, field or flag. The CLI prints
+it on one line and exits non-zero; library callers can catch it.
+"""
+
+
+class BlockdropError(Exception):
+    """A problem with user input; the message is shown to the user as is."""
+
+
+class AnnotationError(BlockdropError):
+    """A malformed or inconsistent annotation file."""
+
+
+class DataError(BlockdropError):
+    """Unreadable media, arrays or dataset files."""
+
+
+class ConfigError(BlockdropError):
+    """An invalid configuration file, key or command-line override."""
+
+
+class CheckpointError(BlockdropError):
+    """A checkpoint that cannot be read or does not fit the model."""
