@@ -1,0 +1,146 @@
+"""The experiment schema: what a `blockdrop train` / `eval` YAML file may say.
+
+Each section is a frozen dataclass; ``blockdrop.config.load_config`` rejects unknown
+keys by name. Values are checked here once (``__post_init__``), so the rest of the
+code can trust them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _positive(name: str, value: float | int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"'{name}' must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the dataset lives and how it is cut into windows (lengths in input steps)."""
+
+    kind: Literal["sequence", "video"]
+    root: str  # folder with the annotation file and the media folder
+    window: int  # input steps per training/test window
+    annotations: str = "annotations.json"
+    media: str = "sequences"  # subfolder of root: <video_id>.npy or <video_id>.mp4
+    rate: float | None = None  # sequence: samples per second (else taken from the file's fps); video: decode fps
+    frame_size: int = 64  # video: frames resized (short side) and centre-cropped to this square
+    preset: str | None = None  # "thumos14" or "activitynet13": fixes classes and subsets
+    train_subset: str = "train"
+    val_subset: str = "val"
+    test_subset: str = "test"
+    test_stride: int | None = None  # default: window // 2
+    train_repeats: int = 1  # random training windows drawn per video per epoch
+    min_keep: float = 0.5  # a segment cut by a training window is kept if this fraction survives
+    cache_dir: str | None = None  # video: where decoded frames are cached as .npy
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        _positive("rate", self.rate)
+        _positive("test_stride", self.test_stride)
+        _positive("train_repeats", self.train_repeats)
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"'min_keep' must be in (0, 1], got {self.min_keep}")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The ViT: a named size with optional overrides, and the tokenizer for the input kind."""
+
+    kind: Literal["sequence", "videomae", "dinov2"]
+    size: str | None = None  # S, B, L, H, g (paper sizes); None: give depth/width/heads
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    patch: int = 16  # sequence: samples per token; video: pixels per patch side
+    tubelet: int = 2
+    clip_len: int = 16  # video: frames per clip fed to the ViT independently
+    drop_path: float = 0.1
+    checkpoint: str | None = None  # pretrained backbone weights (local path only)
+    checkpoint_format: Literal["hf_videomae", "mmaction", "hf_dinov2", "onnx_dinov2"] | None = None
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size is None and None in (self.depth, self.width, self.heads):
+            raise ValueError("give 'size' or all of 'depth', 'width', 'heads'")
+        for name in ("depth", "width", "heads", "patch", "tubelet", "clip_len"):
+            _positive(name, getattr(self, name))
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"'drop_path' must be in [0, 1), got {self.drop_path}")
+        if self.checkpoint is not None and self.checkpoint_format is None:
+            raise ValueError("'checkpoint' needs 'checkpoint_format'")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """ActionFormer head sizes (see blockdrop.models.actionformer)."""
+
+    embed_dim: int = 128
+    fpn_dim: int = 128
+    head_dim: int = 128
+    num_levels: int = 6
+    attn_window: int = 9  # local self-attention window in the pyramid (ActionFormer uses 19 on THUMOS)
+    center_sample_radius: float = 1.5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "fpn_dim", "head_dim", "num_levels", "attn_window"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The one training loop's settings (AdamW, warm-up + cosine, EMA, clipping)."""
+
+    epochs: int = 30
+    batch_size: int = 2
+    lr: float = 1e-4
+    backbone_lr_mult: float = 1.0
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA
+    amp: bool = True  # bf16 autocast on CUDA only; ignored on CPU
+    seed: int = 0
+    eval_every: int = 1  # epochs between validation runs
+    freeze_backbone: bool = False
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None: leave as is
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "eval_every"):
+            _positive(name, getattr(self, name))
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("'warmup_epochs', 'weight_decay' and 'grad_clip' must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"'ema_decay' must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Post-processing and the metric used to select checkpoints on the validation split."""
+
+    tiou_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+    select_metric: str = "average_mAP"  # or "mAP@0.5", ...
+    min_score: float = 0.001
+    pre_nms_topk: int = 2000
+    max_segments: int = 200
+    nms_sigma: float = 0.7
+    voting_threshold: float = 0.75
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.tiou_thresholds or not all(0.0 < t < 1.0 for t in self.tiou_thresholds):
+            raise ValueError("'tiou_thresholds' must be a non-empty list of values in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig
+    backbone: BackboneConfig
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: str = "runs/experiment"
