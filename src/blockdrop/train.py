@@ -1,0 +1,249 @@
+"""The one training loop, used by `blockdrop train` and by alignment fine-tuning.
+
+The loop knows nothing about detection: it gets a model, a ``loss_fn(model, batch)``
+returning a dict of named scalar losses with a ``"total"`` entry, and an
+``evaluate_fn(model)`` returning validation metrics. Alignment fine-tuning reuses it
+by passing a loss_fn that also runs the frozen teacher.
+
+Model selection uses the validation metrics only; the test split is never seen here.
+Everything needed to resume (model, EMA, optimiser, scheduler, epoch, best) is saved
+after every epoch with an atomic write, and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from blockdrop import distributed as dist
+from blockdrop.experiment import TrainConfig
+
+LossFn = Callable[[nn.Module, dict], dict]
+EvalFn = Callable[[nn.Module], dict]
+
+
+@dataclass
+class FitResult:
+    best_metric: float | None
+    best_epoch: int | None
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, collate_fn=None,
+                num_workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order depends only on (seed, epoch): resumable and DDP-ready.
+
+    The DistributedSampler shards across ranks under torchrun and is the whole dataset
+    in one process; ``fit`` calls its ``set_epoch`` before every epoch.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
+                                 shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR factor: linear warm-up from ~0 to 1, then cosine down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(param_groups: Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as is usual for ViTs."""
+    groups = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        lr = cfg.lr * group.get("lr_mult", 1.0)
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        if decay:
+            groups.append({"params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("no trainable parameters")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _to_device(batch, device: torch.device):
+    """Move tensors (also inside dicts, lists and tuples) to ``device``; leave the rest."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Logger:
+    """Metrics as JSON lines; only rank 0 writes."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, record: dict) -> None:
+        if self.path is not None and dist.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader,
+    cfg: TrainConfig,
+    *,
+    evaluate_fn: EvalFn | None = None,
+    select_metric: str = "average_mAP",
+    param_groups: list[dict] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_best: Callable[[nn.Module, dict], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` for ``cfg.epochs``; keep the best validation state via ``on_best``.
+
+    ``param_groups`` defaults to all parameters that require grad. The evaluated (and
+    saved) weights are the EMA weights when ``cfg.ema_decay > 0``.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    log = _Logger(out / "metrics.jsonl" if out is not None else None)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = make_optimizer(groups, cfg)
+    steps_per_epoch = max(1, len(train_loader))
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
+    train_model = dist.wrap_ddp(model)
+    result = FitResult(best_metric=None, best_epoch=None, epochs_run=0)
+    start_epoch = 0
+    state_path = out / "train_state.pt" if out is not None else None
+    if resume and state_path is not None and state_path.exists():
+        start_epoch = _load_state(state_path, model, ema, optimizer, scheduler, result)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (progress and dist.is_main()))
+        for batch in bar:
+            losses = _train_step(train_model, loss_fn, _to_device(batch, device), optimizer, cfg, device)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{losses['total']:.4f}")
+        record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - t0}
+        record.update({f"loss/{k}": v / steps_per_epoch for k, v in sums.items()})
+        eval_model = ema.module if ema is not None else model
+        if evaluate_fn is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            metrics = evaluate_fn(eval_model) if dist.is_main() else {}
+            record.update({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            score = metrics.get(select_metric)
+            if score is not None and (result.best_metric is None or score > result.best_metric):
+                result.best_metric, result.best_epoch = float(score), epoch + 1
+                if on_best is not None:
+                    on_best(eval_model, record)
+        result.history.append(record)
+        result.epochs_run = epoch + 1
+        log(record)
+        if state_path is not None and dist.is_main():
+            _save_state(state_path, model, ema, optimizer, scheduler, result, epoch + 1)
+        dist.barrier()
+    if evaluate_fn is None and on_best is not None:
+        on_best(ema.module if ema is not None else model, result.history[-1] if result.history else {})
+    return result
+
+
+def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device) -> dict[str, float]:
+    with _autocast(device, cfg.amp):
+        losses = loss_fn(model, batch)
+    total = losses["total"]
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite training loss: {{k: float(v) for k, v in losses.items()}}")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.grad_clip > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult, epoch: int) -> None:
+    _atomic_save(
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best_metric": result.best_metric,
+            "best_epoch": result.best_epoch,
+            "history": json.dumps(result.history),
+            "torch_rng": torch.get_rng_state(),
+        },
+        path,
+    )
+
+
+def _load_state(path: Path, model, ema, optimizer, scheduler, result: FitResult) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+    result.history = json.loads(state["history"])
+    result.epochs_run = int(state["epoch"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
