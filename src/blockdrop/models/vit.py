@@ -1,0 +1,322 @@
+"""One Vision Transformer for video, frames and 1D sequences.
+
+    x -> tokenizer -> blocks[0..depth) -> final norm -> pool -> (B, C, T_feat)
+
+The backbone contract (docs/architecture.md): `embed(x) -> (tokens, ctx)`, the blocks in one
+`self.blocks` ModuleList, `pool(tokens, ctx) -> (B, C, T_feat)`, so that
+`pool(blocks(embed(x))) == forward(x)` and block drop can remove any element of `blocks`.
+
+The block is the pre-norm ViT block shared by VideoMAE and DINOv2: fused `attn.qkv`, optional
+q/v-only biases (VideoMAE), optional LayerScale (DINOv2), GELU MLP, stochastic depth whose
+rate lives on the block so it survives the removal of its neighbours.
+
+`ClipVideoBackbone` cuts a long window into 16-frame clips, runs the ViT on every clip and
+concatenates the per-clip features in time, as OpenTAD/AdaTAD do for VideoMAE.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from blockdrop.errors import ConfigError
+from blockdrop.models.tokenizers import FramePatchEmbed, SequencePatchEmbed, TubeletEmbed
+
+# depth, width, heads
+vit_sizes = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "H": (32, 1280, 16),
+             "g": (40, 1408, 16)}
+
+# VideoMAE pixel statistics (ImageNet's, on the 0..255 scale; DINOv2 uses the same numbers)
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch for whole samples, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused `qkv` Linear (the layer LoRA wraps).
+
+    qkv_bias: "all" (DINOv2: one bias for q, k and v), "qv" (VideoMAE: learned q and v biases,
+    k's fixed at zero; kept outside `qkv` so a wrapped `qkv` still sees them), or "none".
+    """
+
+    def __init__(self, width: int, heads: int, qkv_bias: str = "qv", attn_drop: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
+        if qkv_bias not in ("all", "qv", "none"):
+            raise ConfigError(f"qkv_bias must be 'all', 'qv' or 'none', got {qkv_bias!r}")
+        self.heads, self.attn_drop = heads, attn_drop
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias == "all")
+        qv = qkv_bias == "qv"
+        self.q_bias = nn.Parameter(torch.zeros(width)) if qv else None
+        self.v_bias = nn.Parameter(torch.zeros(width)) if qv else None
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x)  # (B, N, 3C)
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            qkv = qkv + bias.to(qkv.dtype)  # stay in the autocast dtype
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (DINOv2's layer_scale lambda)."""
+
+    def __init__(self, width: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: str = "qv",
+                 layer_scale: float | None = None, drop_path_rate: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads, qkv_bias)
+        self.ls1 = LayerScale(width, layer_scale) if layer_scale is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.ls2 = LayerScale(width, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+        self.grad_checkpointing = False
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class VisionTransformer(nn.Module):
+    """tokenizer + `blocks` + final norm + pooling; see the module docstring.
+
+    final_norm: "tokens" (LayerNorm `norm` on every token before pooling: DINOv2, HF VideoMAE
+    without mean pooling), "pooled" (LayerNorm `fc_norm` on the pooled features: VideoMAE's
+    fc_norm), or "none" (OpenTAD's VideoMAE feature map path, which applies neither).
+    The per-block outputs of `forward(x, return_blocks=True)` are the raw tokens (B', N, C).
+    """
+
+    def __init__(self, tokenizer: nn.Module, *, depth: int, width: int, heads: int,
+                 mlp_ratio: float = 4.0, qkv_bias: str = "qv", layer_scale: float | None = None,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, final_norm: str = "tokens",
+                 input_size: tuple | None = None):
+        super().__init__()
+        if final_norm not in ("tokens", "pooled", "none"):
+            raise ConfigError(f"final_norm must be 'tokens', 'pooled' or 'none', got {final_norm!r}")
+        self.tokenizer = tokenizer
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks drop more often
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, qkv_bias, layer_scale, rate, norm_eps) for rate in rates)
+        self.norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "tokens" else None
+        self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "pooled" else None
+        self.width = width
+        self.input_size = input_size  # intended input without batch, e.g. (T, H, W); for measurement
+        self.apply(_init_linear)
+
+    @property
+    def out_channels(self) -> int:
+        return self.width
+
+    @property
+    def feature_stride(self) -> int:
+        return self.tokenizer.feature_stride
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for block in self.blocks:
+            block.grad_checkpointing = enable
+
+    def embed(self, x: torch.Tensor):
+        return self.tokenizer(x)  # (tokens (B', N, C), ctx)
+
+    def pool(self, tokens: torch.Tensor, ctx) -> torch.Tensor:
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        feats = self.tokenizer.pool(tokens, ctx)  # (B, C, T)
+        if self.fc_norm is not None:
+            feats = self.fc_norm(feats.transpose(1, 2)).transpose(1, 2)
+        return feats
+
+    def forward(self, x: torch.Tensor, return_blocks: bool = False):
+        tokens, ctx = self.embed(x)
+        outputs = []
+        for block in self.blocks:
+            tokens = block(tokens)
+            if return_blocks:
+                outputs.append(tokens)
+        feats = self.pool(tokens, ctx)
+        return (feats, outputs) if return_blocks else feats
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ClipVideoBackbone(nn.Module):
+    """Run a video ViT clip by clip over a long window and join the features in time.
+
+    Input: (B, T, H, W, 3) uint8 frames as decoded (normalised here with the VideoMAE pixel
+    mean/std) or (B, 3, T, H, W) float, already normalised. T must be a multiple of `clip_len`.
+    The T / clip_len clips are folded into the batch, so `embed`, `blocks` and `pool` keep the
+    backbone contract. Output (B, C, T / vit.feature_stride), or resampled linearly to one step
+    per `feature_stride` input frames when that is given (OpenTAD: 768 frames -> 768 steps).
+    `chunk_clips` bounds memory without gradients by running the blocks on that many clips at a time.
+    """
+
+    def __init__(self, vit: VisionTransformer, clip_len: int = 16, feature_stride: float | None = None,
+                 chunk_clips: int | None = None, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD):
+        super().__init__()
+        self.vit, self.clip_len, self.chunk_clips = vit, clip_len, chunk_clips
+        self._feature_stride = feature_stride
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1, 1), persistent=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    @blocks.setter
+    def blocks(self, blocks: nn.ModuleList) -> None:
+        self.vit.blocks = blocks
+
+    @property
+    def out_channels(self) -> int:
+        return self.vit.out_channels
+
+    @property
+    def feature_stride(self) -> float:
+        return self._feature_stride or self.vit.feature_stride
+
+    @property
+    def depth(self) -> int:
+        return self.vit.depth
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x  # (B, 3, T, H, W), already normalised
+        x = x.permute(0, 4, 1, 2, 3).float()  # (B, T, H, W, 3) -> (B, 3, T, H, W)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def embed(self, x: torch.Tensor):
+        x = self.normalize(x)
+        batch, frames = x.shape[0], x.shape[2]
+        if frames % self.clip_len:
+            raise ValueError(f"window of {frames} frames is not a multiple of clip_len {self.clip_len}")
+        n_clips = frames // self.clip_len
+        clips = x.unflatten(2, (n_clips, self.clip_len)).transpose(1, 2).flatten(0, 1)  # (B*n, 3, L, H, W)
+        tokens, inner = self.vit.embed(clips)
+        return tokens, (batch, n_clips, frames, inner)
+
+    def pool(self, tokens: torch.Tensor, ctx) -> torch.Tensor:
+        batch, n_clips, frames, inner = ctx
+        feats = self.vit.pool(tokens, inner)  # (B*n, C, t)
+        feats = feats.unflatten(0, (batch, n_clips)).permute(0, 2, 1, 3).flatten(2)  # (B, C, n*t)
+        if self._feature_stride:
+            length = round(frames / self._feature_stride)
+            if length != feats.shape[-1]:
+                feats = F.interpolate(feats, size=length, mode="linear", align_corners=False)
+        return feats
+
+    def _run_blocks(self, tokens: torch.Tensor, return_blocks: bool):
+        outputs = []
+        for block in self.vit.blocks:
+            tokens = block(tokens)
+            if return_blocks:
+                outputs.append(tokens)
+        return tokens, outputs
+
+    def forward(self, x: torch.Tensor, return_blocks: bool = False):
+        tokens, ctx = self.embed(x)
+        chunk = tokens.shape[0]
+        if self.chunk_clips and not torch.is_grad_enabled():
+            per_clip = tokens.shape[0] // (ctx[0] * ctx[1])  # sequences per clip (frames for a frame ViT)
+            chunk = self.chunk_clips * per_clip
+        parts = [self._run_blocks(part, return_blocks) for part in tokens.split(chunk)]
+        tokens = torch.cat([p[0] for p in parts])
+        outputs = [torch.cat(per_block) for per_block in zip(*(p[1] for p in parts))]
+        feats = self.pool(tokens, ctx)
+        return (feats, outputs) if return_blocks else feats
+
+
+def _size(size: str, overrides: dict) -> tuple[int, int, int]:
+    if size not in vit_sizes:
+        raise ConfigError(f"unknown ViT size {size!r}; choose one of {', '.join(vit_sizes)}")
+    depth, width, heads = vit_sizes[size]
+    if size == "g":
+        overrides.setdefault("mlp_ratio", 48 / 11)  # ViT-g's MLP is 6144 wide, not 4x
+    return overrides.pop("depth", depth), overrides.pop("width", width), overrides.pop("heads", heads)
+
+
+def _hw(img_size) -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def _grid(img_size, patch: int) -> tuple[int, int]:
+    h, w = _hw(img_size)
+    return h // patch, w // patch
+
+
+def videomae_vit(size: str = "S", img_size=160, num_frames: int = 16, *, patch: int = 16,
+                 tubelet: int = 2, pos_img_size=224, final_norm: str = "none",
+                 **overrides) -> VisionTransformer:
+    """VideoMAE ViT: q/v biases, LayerNorm eps 1e-6, sin-cos positions defined at `pos_img_size`.
+
+    img_size and num_frames are the intended input (kept as `input_size` for measurement); the
+    positions adapt to any input. final_norm "none" matches OpenTAD's feature path.
+    """
+    depth, width, heads = _size(size, overrides)
+    tokenizer = TubeletEmbed(width, patch, tubelet, _grid(pos_img_size, patch), num_frames)
+    return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, qkv_bias="qv",
+                             final_norm=final_norm, input_size=(num_frames, *_hw(img_size)), **overrides)
+
+
+def dinov2_vit(size: str = "S", patch: int = 14, *, img_size=518, pool: str = "cls",
+               layer_scale: float = 1.0, **overrides) -> VisionTransformer:
+    """DINOv2 ViT run per frame: qkv biases, LayerScale, learned positions on img_size // patch."""
+    depth, width, heads = _size(size, overrides)
+    tokenizer = FramePatchEmbed(width, patch, _grid(img_size, patch), pool=pool)
+    return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, qkv_bias="all",
+                             layer_scale=layer_scale, final_norm="tokens",
+                             input_size=(1, *_hw(img_size)), **overrides)
+
+
+def sequence_vit(in_channels: int, patch: int, depth: int = 6, width: int = 192, heads: int = 3, *,
+                 pos: str = "sinusoid", max_len: int | None = None, **overrides) -> VisionTransformer:
+    """ViT over (B, T, C) sequences: one token per `patch` steps, output (B, width, T // patch)."""
+    tokenizer = SequencePatchEmbed(in_channels, width, patch, pos, max_len)
+    overrides.setdefault("qkv_bias", "all")
+    return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, **overrides)
