@@ -7,6 +7,7 @@ library. User errors (``BlockdropError``) are printed on one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,57 @@ def cmd_map(args: argparse.Namespace) -> int:
     result = detection_map(args.ground_truth, args.predictions, parse_tiou(args.tiou, flag="--tiou"), subset=args.subset)
     print(format_map_table(result))
     return 0
+
+
+def resolve_config_path(text: str) -> Path:
+    """A config file path, or the name of a shipped config (``hapt`` -> configs/hapt.yaml)."""
+    from importlib.resources import files
+
+    path = Path(text)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = Path(str(files("blockdrop") / "configs" / f"{text}.yaml"))
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in Path(str(files("blockdrop") / "configs")).glob("*.yaml"))
+    raise BlockdropError(f"config {text!r}: no such file, and not a shipped config ({', '.join(names)})")
+
+
+def load_experiment(args: argparse.Namespace):
+    from blockdrop.config import load_config
+    from blockdrop.experiment import ExperimentConfig
+
+    return load_config(ExperimentConfig, resolve_config_path(args.config), args.set or ())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from blockdrop.recipes import train_experiment
+
+    cfg = load_experiment(args)
+    summary = train_experiment(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from blockdrop.evaluation import format_map_table
+    from blockdrop.recipes import evaluate_checkpoint
+
+    cfg = load_experiment(args)
+    if not args.checkpoint.exists():
+        raise BlockdropError(f"--checkpoint {args.checkpoint}: file not found")
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, subset=args.subset, predictions_out=args.predictions)
+    print(format_map_table(metrics))
+    if args.json is not None:
+        args.json.write_text(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2) + "\n")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file, or the name of a shipped config (e.g. hapt)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=5")
 
 
 def _int_list(text: str) -> list[int]:
@@ -75,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--subset", default=None, help="evaluate only videos of this subset")
     mp.add_argument("--tiou", default="0.3:0.7:0.1", help="START:STOP:STEP (inclusive) or comma-separated values")
     mp.set_defaults(func=cmd_map)
+
+    tr = sub.add_parser("train", help="train a detector (selection on the validation split)")
+    _add_config_args(tr)
+    tr.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output)")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    tr.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="score a saved detector on one subset (default: test)")
+    _add_config_args(ev)
+    ev.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors from train or compress")
+    ev.add_argument("--subset", default=None, help="train, val or test (the config's splits; default test), or a subset name of the file")
+    ev.add_argument("--predictions", type=Path, default=None, help="also write the predictions JSON here")
+    ev.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -29,7 +29,8 @@ class DataConfig:
     frame_size: int = 64  # video: frames resized (short side) and centre-cropped to this square
     preset: str | None = None  # "thumos14" or "activitynet13": fixes classes and subsets
     train_subset: str = "train"
-    val_subset: str = "val"
+    val_subset: str | None = "val"  # None: hold out val_fraction of the training videos instead
+    val_fraction: float = 0.1
     test_subset: str = "test"
     test_stride: int | None = None  # default: window // 2
     train_repeats: int = 1  # random training windows drawn per video per epoch
@@ -42,6 +43,8 @@ class DataConfig:
         _positive("rate", self.rate)
         _positive("test_stride", self.test_stride)
         _positive("train_repeats", self.train_repeats)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"'val_fraction' must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError(f"'min_keep' must be in (0, 1], got {self.min_keep}")
 

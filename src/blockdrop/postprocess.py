@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blockdrop.errors import BlockdropError, DataError
@@ -110,16 +111,18 @@ def soft_nms(segments, scores, labels, *, sigma: float = 0.7, min_score: float =
         raise ValueError("soft_nms: need sigma > 0, 0 <= voting_threshold <= 1, max_segments >= 1")
     group = torch.zeros_like(labels) if class_agnostic else labels
     candidate = scores > min_score  # (N,)
-    alive, decayed = candidate.clone(), scores.clone()
-    keep, kept_scores = [], []
-    while len(keep) < max_segments and bool(alive.any()):
-        best = torch.argmax(torch.where(alive, decayed, -math.inf))  # first index on ties
-        keep.append(best)
-        kept_scores.append(decayed[best])
-        alive[best] = False
-        iou = segment_iou(segments[best][None], segments)[0] * (group == group[best])  # (N,)
-        decayed = decayed * torch.exp(-iou.square() / sigma)
-        alive &= decayed > min_score
+    # Classes never decay each other, so each runs alone on its own candidates; merging the
+    # per-class picks by kept score (non-increasing within a class) gives the global order.
+    seg_np, score_np, group_np = segments.cpu().numpy(), scores.cpu().numpy(), group.cpu().numpy()
+    picks = []  # (kept score, index into the inputs)
+    for g in np.unique(group_np[candidate.cpu().numpy()]):
+        idx = np.flatnonzero(candidate.cpu().numpy() & (group_np == g))
+        picks += [(kept, int(idx[i])) for kept, i in
+                  _soft_nms_group(seg_np[idx], score_np[idx], sigma, min_score, max_segments)]
+    picks.sort(key=lambda p: (-p[0], p[1]))
+    picks = picks[:max_segments]
+    keep = [torch.tensor(i, device=scores.device) for _, i in picks]
+    kept_scores = [torch.tensor(k, dtype=scores.dtype, device=scores.device) for k, _ in picks]
     if not keep:
         return segments[:0], scores[:0], labels[:0]
     keep = torch.stack(keep)
@@ -128,6 +131,30 @@ def soft_nms(segments, scores, labels, *, sigma: float = 0.7, min_score: float =
         kept_segments = _vote(kept_segments, group[keep], segments[candidate], scores[candidate],
                               group[candidate], voting_threshold)
     return kept_segments, torch.stack(kept_scores), labels[keep]
+
+
+def _soft_nms_group(segments: np.ndarray, scores: np.ndarray, sigma: float, min_score: float,
+                    max_segments: int) -> list[tuple[float, int]]:
+    """Gaussian soft-NMS among one class's candidates -> [(kept score, local index)] in pick order.
+
+    Dead candidates are compacted away as they accumulate, so late picks touch few elements."""
+    index = np.arange(len(scores))
+    starts, ends = segments[:, 0].copy(), segments[:, 1].copy()
+    decayed = scores.copy()
+    alive = np.ones(len(scores), dtype=bool)
+    picks = []
+    while len(picks) < max_segments and alive.any():
+        best = int(np.argmax(np.where(alive, decayed, -np.inf)))  # first index on ties
+        picks.append((float(decayed[best]), int(index[best])))
+        alive[best] = False
+        inter = np.clip(np.minimum(ends, ends[best]) - np.maximum(starts, starts[best]), 0, None)
+        union = (ends - starts) + (ends[best] - starts[best]) - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+        decayed = decayed * np.exp(-np.square(iou) / sigma)
+        alive &= decayed > min_score
+        if 2 * np.count_nonzero(alive) < len(alive):
+            index, starts, ends, decayed, alive = (a[alive] for a in (index, starts, ends, decayed, alive))
+    return picks
 
 
 def _vote(kept, kept_group, segments, scores, group, threshold: float) -> torch.Tensor:

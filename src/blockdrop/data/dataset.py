@@ -61,13 +61,15 @@ class TADDataset(Dataset):
     """
 
     def __init__(self, annotations: Annotations, source, *, window: int, train: bool, stride: int | None = None,
-                 feature_stride: int = 1, seed: int = 0, min_keep: float = 0.5):
+                 feature_stride: int = 1, seed: int = 0, min_keep: float = 0.5, repeats: int = 1):
         if window < 1 or feature_stride < 1 or window % feature_stride:
             raise DataError(f"field 'window': {window} must be a positive multiple of "
                             f"feature_stride {feature_stride}")
         stride = max(1, window // 2) if stride is None else stride
         if not train and not 1 <= stride <= window:
             raise DataError(f"field 'stride': must be in [1, window={window}], got {stride}")
+        if repeats < 1:
+            raise DataError(f"field 'repeats': must be at least 1, got {repeats}")
         if seed < 0:
             raise DataError(f"field 'seed': must be non-negative, got {seed}")
         self.annotations = annotations
@@ -75,14 +77,14 @@ class TADDataset(Dataset):
         self.rate = float(source.rate)
         self.window, self.train, self.stride = window, train, stride
         self.feature_stride, self.seed, self.min_keep = feature_stride, seed, min_keep
-        self.epoch = 0
+        self.epoch, self.repeats = 0, repeats
         self._targets = {vid: _video_targets(annotations, vid, self.rate) for vid in annotations.videos}
         self._items = self._plan_items()
 
     def _plan_items(self) -> list[tuple[str, int]]:
         """(video_id, window_start) per item; train starts are drawn in __getitem__."""
-        if self.train:
-            return [(vid, 0) for vid in self.annotations.videos]
+        if self.train:  # `repeats` independent random crops of every video per epoch
+            return [(vid, 0) for _ in range(self.repeats) for vid in self.annotations.videos]
         items = []
         for vid in self.annotations.videos:
             length = _sequence_length(self.source, vid)

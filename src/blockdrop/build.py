@@ -1,0 +1,172 @@
+"""From an ExperimentConfig to the objects a recipe runs: annotations, sources, datasets, detector.
+
+Everything a config can say is turned into objects here and nowhere else, so `train`,
+`eval` and `compress` build identical models and data from the same file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from blockdrop.data.annotations import Annotations, load_annotations
+from blockdrop.data.dataset import TADDataset
+from blockdrop.errors import ConfigError, DataError
+from blockdrop.experiment import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
+
+
+def load_experiment_annotations(data: DataConfig) -> Annotations:
+    path = Path(data.root) / data.annotations
+    if not path.exists():
+        raise DataError(f"{path}: annotation file not found (data.root / data.annotations)")
+    return load_annotations(path, preset=data.preset)
+
+
+def input_rate(data: DataConfig, annotations: Annotations) -> float:
+    """Input steps per second: the config's rate, else the fps every video of the file agrees on."""
+    if data.rate is not None:
+        return data.rate
+    rates = {v.fps for v in annotations.videos.values()}
+    if len(rates) != 1 or None in rates:
+        raise ConfigError("data.rate is not set and the annotation file has no single 'fps' for all videos")
+    return float(rates.pop())
+
+
+def make_source(data: DataConfig, annotations: Annotations):
+    """The per-video input source (see docs/architecture.md): `.rate`, `.load(id)`, `.length(id)`."""
+    media = Path(data.root) / data.media
+    rate = input_rate(data, annotations)
+    if data.kind == "sequence":
+        from blockdrop.data.sequences import SequenceSource
+
+        return SequenceSource(media, rate)
+    from blockdrop.data.video import VideoSource
+
+    return VideoSource(media, fps=rate, size=data.frame_size, crop=data.frame_size, cache_dir=data.cache_dir)
+
+
+def input_channels(data: DataConfig, annotations: Annotations, source) -> int:
+    """Channels of a sequence input, read from the first video's array; 3 for video."""
+    if data.kind == "video":
+        return 3
+    first = next(iter(sorted(annotations.videos)), None)
+    if first is None:
+        raise DataError(f"{Path(data.root) / data.annotations}: no videos")
+    return int(source.load(first).shape[1])
+
+
+def _subset(annotations: Annotations, name: str, data: DataConfig) -> Annotations:
+    part = annotations.subset(name)
+    if not part.videos:
+        known = sorted({v.subset for v in annotations.videos.values()})
+        raise ConfigError(f"{Path(data.root) / data.annotations}: subset '{name}' has no videos "
+                          f"(the file has: {', '.join(known)})")
+    return part
+
+
+def split_annotations(data: DataConfig, annotations: Annotations, seed: int) -> dict[str, Annotations]:
+    """{"train", "val", "test"} parts. With ``val_subset: null`` the validation videos are a
+    seeded random ``val_fraction`` of the training subset (THUMOS14 has no validation split, and
+    selecting on test would leak), removed from training."""
+    train = _subset(annotations, data.train_subset, data)
+    test = _subset(annotations, data.test_subset, data)
+    if data.val_subset is not None:
+        return {"train": train, "val": _subset(annotations, data.val_subset, data), "test": test}
+    ids = sorted(train.videos)
+    count = max(1, round(len(ids) * data.val_fraction))
+    if count >= len(ids):
+        raise ConfigError(f"data.val_fraction {data.val_fraction}: leaves no training videos out of {len(ids)}")
+    held = set(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
+    keep = {vid: info for vid, info in train.videos.items() if vid not in held}
+    val = {vid: info for vid, info in train.videos.items() if vid in held}
+    return {"train": replace(train, videos=keep), "val": replace(train, videos=val), "test": test}
+
+
+def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: bool,
+                 feature_stride: float = 1) -> TADDataset:
+    """Windows over the videos of ``part`` (one of ``split_annotations``' values)."""
+    stride = feature_stride if float(feature_stride).is_integer() else 1
+    return TADDataset(part, source, window=cfg.data.window, train=train, stride=cfg.data.test_stride,
+                      feature_stride=int(stride), seed=cfg.train.seed, min_keep=cfg.data.min_keep,
+                      repeats=cfg.data.train_repeats if train else 1)
+
+
+def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:
+    from blockdrop.models import vit
+
+    dims = {k: v for k, v in (("depth", bb.depth), ("width", bb.width), ("heads", bb.heads)) if v is not None}
+    if bb.kind == "sequence":
+        if bb.size is not None:
+            depth, width, heads = vit.vit_sizes[bb.size]
+            dims = {"depth": depth, "width": width, "heads": heads, **dims}
+        model = vit.sequence_vit(in_channels, bb.patch, **dims, drop_path_rate=bb.drop_path,
+                                 max_len=data.window // bb.patch)
+    elif bb.kind == "videomae":
+        pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
+        model = vit.ClipVideoBackbone(
+            vit.videomae_vit(bb.size or "S", img_size=data.frame_size, num_frames=bb.clip_len, patch=bb.patch,
+                             tubelet=bb.tubelet, pos_img_size=pos, drop_path_rate=bb.drop_path, **dims),
+            clip_len=bb.clip_len)
+    else:
+        model = vit.ClipVideoBackbone(
+            vit.dinov2_vit(bb.size or "S", bb.patch, img_size=data.frame_size, drop_path_rate=bb.drop_path, **dims),
+            clip_len=bb.clip_len)
+    if bb.grad_checkpointing:
+        (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)
+    if bb.checkpoint is not None:
+        load_pretrained_backbone(model, bb)
+    return model
+
+
+def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
+    from blockdrop.models import checkpoints
+
+    vit_model = model.vit if hasattr(model, "vit") else model
+    if bb.checkpoint_format == "onnx_dinov2":
+        checkpoints.load_onnx_dinov2(vit_model, bb.checkpoint)
+        return
+    state = checkpoints.load_checkpoint_file(bb.checkpoint)
+    loader = {"hf_videomae": checkpoints.load_hf_videomae, "mmaction": checkpoints.load_mmaction_videomae,
+              "hf_dinov2": checkpoints.load_hf_dinov2}[bb.checkpoint_format]
+    loader(vit_model, state)
+
+
+def build_head(head: HeadConfig, in_channels: int, num_classes: int, max_seq_len: int) -> nn.Module:
+    from blockdrop.models.actionformer import ActionFormerHead
+
+    return ActionFormerHead(in_channels, num_classes, max_seq_len=max_seq_len, embed_dim=head.embed_dim,
+                            fpn_dim=head.fpn_dim, head_dim=head.head_dim, num_levels=head.num_levels,
+                            attn_window=head.attn_window, center_radius=head.center_sample_radius,
+                            dropout=head.dropout)
+
+
+def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """Backbone + ActionFormer head for windows of ``cfg.data.window`` input steps."""
+    from blockdrop.models.detector import Detector
+
+    backbone = build_backbone(cfg.backbone, cfg.data, in_channels)
+    max_seq_len = int(round(cfg.data.window / backbone.feature_stride))
+    return Detector(backbone, build_head(cfg.head, backbone.out_channels, num_classes, max_seq_len))
+
+
+def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
+    """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture."""
+    from blockdrop.config import to_dict
+
+    return {"kind": "blockdrop.detector", "config": to_dict(cfg), "classes": list(classes),
+            "in_channels": int(in_channels)}
+
+
+def build_from_builder(builder: dict) -> nn.Module:
+    """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow)."""
+    from blockdrop.config import from_dict
+
+    if builder.get("kind") != "blockdrop.detector":
+        raise ConfigError(f"unknown model builder kind {builder.get('kind')!r}")
+    cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
+    bb = asdict(cfg.backbone) | {"checkpoint": None, "checkpoint_format": None}
+    cfg = from_dict(ExperimentConfig, {**builder["config"], "backbone": bb}, source="checkpoint metadata")
+    return build_detector(cfg, len(builder["classes"]), builder["in_channels"])

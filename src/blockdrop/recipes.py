@@ -1,0 +1,139 @@
+"""Recipes: `blockdrop train` and `blockdrop eval`, each a readable setup -> run -> save.
+
+A run folder holds: config.yaml (as resolved), metrics.jsonl (one line per epoch),
+train_state.pt (resume), model.safetensors (best on validation, with the metadata to
+rebuild it without the config file), summary.json. The test split is only ever
+touched by `evaluate_checkpoint`, never for selection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from blockdrop import distributed as dist
+from blockdrop.build import (build_detector, build_from_builder, detector_builder, input_channels,
+                             load_experiment_annotations, make_dataset, make_source, split_annotations)
+from blockdrop.config import save_config
+from blockdrop.data.dataset import collate_windows
+from blockdrop.errors import ConfigError
+from blockdrop.experiment import ExperimentConfig
+from blockdrop.inference import evaluate
+from blockdrop.train import fit, make_loader, seed_everything
+
+MODEL_FILE = "model.safetensors"
+
+
+def detection_loss(model, batch: dict) -> dict:
+    """Ground-truth losses of a (possibly DDP-wrapped) detector; forward goes through the wrapper."""
+    output = model(batch["inputs"], batch["mask"])
+    return dist.unwrap(model).losses(batch, output)
+
+
+def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    if cfg.train.freeze_backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+        backbone = []
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad]}]
+    if backbone:
+        groups.append({"params": backbone, "lr_mult": cfg.train.backbone_lr_mult})
+    return groups
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        for name in ("metrics.jsonl", "train_state.pt"):
+            (out / name).unlink(missing_ok=True)
+
+
+def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, resume: bool = False,
+                     overwrite: bool = False, progress: bool = True) -> dict:
+    """Train a detector from ``cfg``; select the best epoch on the validation split."""
+    from blockdrop.compress.stack import save_compressed
+
+    out = Path(out or cfg.output)
+    if dist.is_main():
+        _prepare_output(out, resume, overwrite)
+        save_config(cfg, out / "config.yaml")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = dist.init_from_env()
+    seed_everything(cfg.train.seed)
+    annotations = load_experiment_annotations(cfg.data)
+    source = make_source(cfg.data, annotations)
+    channels = input_channels(cfg.data, annotations, source)
+    model = build_detector(cfg, len(annotations.classes), channels).to(device)
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
+    train_ds = make_dataset(cfg, parts["train"], source, train=True, feature_stride=model.feature_stride)
+    val_ds = make_dataset(cfg, parts["val"], source, train=False, feature_stride=model.feature_stride)
+    loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                         collate_fn=collate_windows, num_workers=cfg.data.num_workers)
+    builder = detector_builder(cfg, annotations.classes, channels)
+
+    def on_best(best_model, record):
+        if dist.is_main():
+            save_compressed(best_model, out / MODEL_FILE, builder=builder)
+
+    def validate(m):
+        return {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"}
+
+    start = time.perf_counter()
+    result = fit(model, detection_loss, loader, cfg.train, evaluate_fn=validate,
+                 select_metric=cfg.eval.select_metric, param_groups=param_groups(model, cfg),
+                 out_dir=out, resume=resume, on_best=on_best, progress=progress)
+    summary = {"best_epoch": result.best_epoch, f"val_{cfg.eval.select_metric}": result.best_metric,
+               "epochs": result.epochs_run, "wall_time_s": round(time.perf_counter() - start, 1),
+               "blocks": model.backbone.depth, "model": str(out / MODEL_FILE)}
+    if dist.is_main():
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_detector(path: str | Path):
+    """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed)."""
+    from blockdrop.compress.stack import load_compressed, read_compressed_metadata
+
+    model = load_compressed(path, build_from_builder)
+    return model, read_compressed_metadata(path).builder
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset: str | None = None,
+                        predictions_out: str | Path | None = None) -> dict:
+    """Score a saved detector on one subset (default: the config's test subset)."""
+    from blockdrop.postprocess import save_results
+
+    model, builder = load_detector(checkpoint)
+    annotations = load_experiment_annotations(cfg.data)
+    if list(annotations.classes) != list(builder["classes"]):
+        raise ConfigError(f"{checkpoint}: the model's classes differ from {cfg.data.root}/{cfg.data.annotations}")
+    source = make_source(cfg.data, annotations)
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
+    if subset in (None, "test", "val", "train"):
+        part = parts[subset or "test"]
+    else:
+        part = annotations.subset(subset)
+        if not part.videos:
+            raise ConfigError(f"--subset {subset}: no videos in {cfg.data.root}/{cfg.data.annotations}")
+    dataset = make_dataset(cfg, part, source, train=False, feature_stride=model.feature_stride)
+    metrics = evaluate(model, dataset, cfg.eval)
+    predictions = metrics.pop("predictions")
+    if predictions_out is not None:
+        save_results(predictions, predictions_out)
+    metrics["subset"] = subset or "test"
+    metrics["blocks"] = model.backbone.depth
+    return metrics
