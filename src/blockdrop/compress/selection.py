@@ -1,0 +1,268 @@
+"""Step 1 of the method: score every block's removal and pick the one that hurts least.
+
+Four evaluators (see docs/compression.md, "Block selection"):
+
+- ``"map"``: detection metric of the sub-network "model minus block k" (higher is better);
+- ``"loss"``: mean ground-truth loss of that sub-network (lower is better);
+- ``"feature_mse"`` / ``"feature_cosine"``: how much block k changes its own input on the full
+  model (ShortGPT's block influence): mean squared difference, or 1 - cosine similarity over
+  the last (channel) dim averaged over tokens. Small change = unimportant = dropped first.
+
+The sub-network evaluators share prefixes. Candidate k needs the activation entering block k,
+h_k, which is the same for every k' >= k; so one pass walks the stack once and, at each
+position k, branches off: run blocks k+1..N-1 on h_k and finish. Per batch that is N-1 prefix
+block forwards (h_{N-1} needs blocks 0..N-2; no candidate uses the full stack's output) plus
+sum_k (N-1-k) = N(N-1)/2 branch forwards, against N(N-1) when every candidate is run from
+scratch (``naive=True``, kept to benchmark against). Because the branch of candidate k is
+finished before the prefix advances, at most two activations of one batch are alive at a time
+(the prefix and the branch), not all N.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdrop.compress.stack import kept_blocks
+from blockdrop.compress.target import CompressionTarget, blocks_of, run_blocks
+from blockdrop.errors import BlockdropError
+
+HIGHER_IS_BETTER = {"map": True, "loss": False, "feature_mse": False, "feature_cosine": False}
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """Which block to drop, and every candidate's score."""
+
+    chosen: int  # current position of the chosen block
+    chosen_original: int  # its original index
+    scores: dict  # {original index: score} for every candidate
+    evaluator: str
+    metric: str | None  # the score key for evaluator "map", else None
+    higher_is_better: bool
+    block_forwards: int  # block forwards this selection ran (counted on the blocks themselves)
+    naive_block_forwards: int  # what running every candidate from scratch costs (or cost, naive=True)
+    wall_time_s: float
+    naive: bool  # whether the naive method ran
+    batches: int
+
+    def to_dict(self) -> dict:
+        """Plain JSON types; score keys are strings, as they come back from a JSON file."""
+        record = asdict(self)
+        record["scores"] = {str(k): v for k, v in self.scores.items()}
+        return record
+
+
+# ---- counting and plumbing -----------------------------------------------------------------------
+
+class _ForwardCounter:
+    """Counts calls of the stack's blocks with forward pre-hooks, whoever calls them."""
+
+    def __init__(self, blocks: nn.Module):
+        self.count = 0
+        self._handles = [block.register_forward_pre_hook(self._hook) for block in blocks]
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors, and lists of tensors, of a batch dict -> ``device``; everything else as it is."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return [v.to(device) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_candidates(candidates, depth: int) -> list[int]:
+    if candidates is None:
+        return list(range(depth))
+    values = list(candidates)
+    bad = [repr(c) for c in values if isinstance(c, bool) or not hasattr(c, "__index__")]
+    if bad:
+        raise BlockdropError(f"select_block: candidates must be current block positions (integers), "
+                             f"got {', '.join(bad)}")
+    values = [operator.index(c) for c in values]
+    outside = sorted({c for c in values if not 0 <= c < depth})
+    if outside:
+        raise BlockdropError(f"select_block: candidates {outside} are out of range for a stack of depth {depth} "
+                             f"(valid: 0..{depth - 1})")
+    if not values:
+        raise BlockdropError("select_block: candidates is empty: nothing to choose from")
+    return sorted(set(values))
+
+
+def _choose(scores: dict[int, float], higher_is_better: bool) -> int:
+    """Best score wins; ties go to the lowest current position; NaN never wins."""
+    finite = [k for k, s in scores.items() if not math.isnan(s)]
+    if not finite:
+        raise BlockdropError("select_block: every candidate scored NaN; the model or the selection data is broken")
+    sign = -1.0 if higher_is_better else 1.0
+    return min(finite, key=lambda k: (sign * scores[k], k))
+
+
+# ---- the evaluators ------------------------------------------------------------------------------
+
+class _SubnetworkScores:
+    """Accumulates, per candidate, what the "map" or "loss" evaluator needs from its outputs."""
+
+    def __init__(self, target: CompressionTarget, evaluator: str, metric: str, candidates: list[int]):
+        self.target, self.evaluator, self.metric = target, evaluator, metric
+        self.predictions = {k: [] for k in candidates}  # "map": predictions over all batches
+        self.loss_sum = dict.fromkeys(candidates, 0.0)  # "loss": sum of per-batch totals
+        self.batches = 0
+
+    def add(self, k: int, model: nn.Module, output, batch: dict) -> None:
+        if self.evaluator == "map":
+            self.predictions[k].extend(self.target.predict(model, output, batch))
+        else:
+            self.loss_sum[k] += float(self.target.task_loss(model, output, batch)["total"])
+
+    def scores(self) -> dict[int, float]:
+        if self.evaluator == "loss":
+            return {k: total / self.batches for k, total in self.loss_sum.items()}
+        return {k: self._metric(self.target.score(preds)) for k, preds in self.predictions.items()}
+
+    def _metric(self, metrics: dict) -> float:
+        if self.metric not in metrics:
+            raise BlockdropError(f"select_block: metric {self.metric!r} is not among the target's scores "
+                                 f"({', '.join(sorted(metrics))})")
+        return float(metrics[self.metric])
+
+
+def _shared_prefix_batch(model, target, batch, blocks, candidates, acc: _SubnetworkScores) -> None:
+    """One batch, all candidates: walk the prefix once, branch off at each candidate."""
+    tokens, ctx = target.embed(model, batch)  # h_0
+    last, wanted = candidates[-1], set(candidates)
+    for k in range(last + 1):
+        if k in wanted:
+            branch = tokens
+            for block in blocks[k + 1:]:
+                branch = block(branch)
+            acc.add(k, model, target.finish(model, branch, ctx, batch), batch)
+        if k < last:
+            tokens = blocks[k](tokens)  # h_{k+1}
+
+
+def _naive_batch(model, target, batch, blocks, candidates, acc: _SubnetworkScores) -> None:
+    """One batch, all candidates, each from scratch: the reference for the shared-prefix pass."""
+    for k in candidates:
+        acc.add(k, model, run_blocks(model, target, batch, skip=k), batch)
+
+
+def _block_change(x: torch.Tensor, y: torch.Tensor, evaluator: str) -> tuple[float, int]:
+    """(sum of the per-element or per-token change, how many were summed) for one block."""
+    x, y = x.double(), y.double()  # sums over many tokens: keep them exact enough to compare
+    if evaluator == "feature_mse":
+        return float((y - x).pow(2).sum()), x.numel()
+    cosine = F.cosine_similarity(x, y, dim=-1)  # (..., tokens): over the channel (last) dim
+    return float((1 - cosine).sum()), cosine.numel()
+
+
+def _feature_scores(model, target, loader, device, blocks, candidates, evaluator) -> tuple[dict, int]:
+    """Block influence on the full model: one forward per batch through blocks 0..max(candidates)."""
+    sums, counts, batches = dict.fromkeys(candidates, 0.0), dict.fromkeys(candidates, 0), 0
+    for batch in loader:
+        tokens, _ = target.embed(model, _to_device(batch, device))
+        for k in range(candidates[-1] + 1):
+            out = blocks[k](tokens)
+            if k in sums:
+                total, n = _block_change(tokens, out, evaluator)
+                sums[k], counts[k] = sums[k] + total, counts[k] + n
+            tokens = out
+        batches += 1
+    return {k: sums[k] / counts[k] if counts[k] else math.nan for k in candidates}, batches
+
+
+def _subnetwork_scores(model, target, loader, device, blocks, candidates, evaluator, metric, naive):
+    acc = _SubnetworkScores(target, evaluator, metric, candidates)
+    run_batch = _naive_batch if naive else _shared_prefix_batch
+    for batch in loader:
+        run_batch(model, target, _to_device(batch, device), blocks, candidates, acc)
+        acc.batches += 1
+    return (acc.scores() if acc.batches else {}), acc.batches
+
+
+def naive_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
+    """Block forwards per batch when every candidate runs from scratch (a feature evaluator has no
+    naive variant: its single forward is already minimal)."""
+    if evaluator.startswith("feature"):
+        return max(candidates) + 1
+    return len(candidates) * (depth - 1)
+
+
+def shared_prefix_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
+    """Block forwards per batch of the shared-prefix pass: prefix to the last candidate + branches."""
+    if evaluator.startswith("feature"):
+        return max(candidates) + 1
+    return max(candidates) + sum(depth - 1 - k for k in candidates)
+
+
+# ---- the entry point -----------------------------------------------------------------------------
+
+def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str = "map",
+                 metric: str = "average_mAP", naive: bool = False, device=None,
+                 candidates=None) -> SelectionResult:
+    """Score every candidate block of ``model``'s stack on ``loader`` and choose one to drop.
+
+    ``loader`` yields batch dicts of a selection split of TRAINING data without augmentation;
+    it is iterated once. The model runs in eval mode under ``torch.no_grad`` (its training
+    flags are restored afterwards); it is not modified. ``device``: where batches are moved
+    (default: the model's). ``candidates``: current positions that may be dropped (default: all).
+    ``naive=True`` runs every candidate from scratch (same choice and scores, more forwards).
+    Raises BlockdropError for a stack of one block, an unknown evaluator or metric, no batches.
+    """
+    if evaluator not in HIGHER_IS_BETTER:
+        raise BlockdropError(f"select_block: unknown evaluator {evaluator!r} "
+                             f"(choose from {', '.join(HIGHER_IS_BETTER)})")
+    blocks = blocks_of(model, target)
+    original = kept_blocks(model, stack=target.stack_path)
+    if len(blocks) < 2:
+        raise BlockdropError(f"select_block: block stack {target.stack_path!r} has {len(blocks)} block(s); "
+                             f"dropping one would leave none")
+    candidates = _check_candidates(candidates, len(blocks))
+    device = torch.device(device) if device is not None else _model_device(model)
+    counter, modes = _ForwardCounter(blocks), {m: m.training for m in model.modules()}
+    start = time.perf_counter()
+    try:
+        model.eval()
+        with torch.no_grad():
+            if evaluator.startswith("feature"):
+                scores, batches = _feature_scores(model, target, loader, device, blocks, candidates, evaluator)
+            else:
+                scores, batches = _subnetwork_scores(model, target, loader, device, blocks, candidates,
+                                                     evaluator, metric, naive)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        counter.remove()
+        for module, training in modes.items():
+            module.training = training
+    if not batches:
+        raise BlockdropError("select_block: the selection loader yielded no batches")
+    chosen = _choose(scores, HIGHER_IS_BETTER[evaluator])
+    return SelectionResult(
+        chosen=chosen, chosen_original=original[chosen], scores={original[k]: s for k, s in scores.items()},
+        evaluator=evaluator, metric=metric if evaluator == "map" else None,
+        higher_is_better=HIGHER_IS_BETTER[evaluator], block_forwards=counter.count,
+        naive_block_forwards=batches * naive_forwards(len(blocks), candidates, evaluator),
+        wall_time_s=time.perf_counter() - start, naive=naive and not evaluator.startswith("feature"), batches=batches)

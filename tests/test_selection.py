@@ -1,0 +1,263 @@
+"""compress.selection: every evaluator, shared-prefix == naive, and the counted block forwards.
+
+References are independent of the code under test: the toy model's feature scores are computed
+by hand from its blocks, and the shared-prefix pass is checked against running every candidate
+from scratch through ``run_blocks(skip=k)``.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from blockdrop.compress.selection import select_block
+from blockdrop.compress.stack import drop_blocks
+from blockdrop.errors import BlockdropError
+
+torch.set_num_threads(1)
+EVALUATORS = ("map", "loss", "feature_mse", "feature_cosine")
+
+
+# ---- a minimal target for a toy residual model ---------------------------------------------------
+
+class ResidualMLP(nn.Module):
+    def __init__(self, width: int, scale: float = 1.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        with torch.no_grad():
+            self.fc2.weight.mul_(scale)
+            self.fc2.bias.mul_(scale)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ToyNet(nn.Module):
+    """(B, T, 6) -> (B, 3): linear embed, residual MLP blocks, mean over T, linear head."""
+
+    def __init__(self, depth: int = 5, width: int = 6, quiet: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(ResidualMLP(width, 1e-4 if i == quiet else 3.0) for i in range(depth))
+        self.head = nn.Linear(width, 3)
+
+
+class SequentialTarget:
+    """CompressionTarget for ToyNet: predict returns outputs, score is the negative MSE."""
+
+    stack_path = "blocks"
+
+    def embed(self, model, batch):
+        return model.embed(batch["x"]), None
+
+    def finish(self, model, tokens, ctx, batch):
+        return model.head(tokens.mean(dim=1))  # (B, 3)
+
+    def task_loss(self, model, output, batch):
+        return {"total": (output - batch["y"]).pow(2).mean()}
+
+    def predict(self, model, output, batch):
+        return list(zip(output, batch["y"]))
+
+    def score(self, predictions):
+        outputs, targets = torch.stack([p for p, _ in predictions]), torch.stack([t for _, t in predictions])
+        return {"neg_mse": -float((outputs - targets).pow(2).mean())}
+
+    def align_outputs(self, model, output, batch):
+        return {}
+
+
+def full_forward(model, x):
+    h = model.embed(x)
+    for block in model.blocks:
+        h = block(h)
+    return model.head(h.mean(dim=1))
+
+
+def toy_batches(model, sizes=(3, 3, 2), tokens: int = 4):
+    """Targets are the full model's outputs: removing a near-identity block changes them least."""
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for size in sizes:
+        x = torch.randn(size, tokens, 6, generator=generator)
+        with torch.no_grad():
+            batches.append({"x": x, "y": full_forward(model, x)})
+    return batches
+
+
+def toy_select(model, batches, evaluator, **kwargs):
+    metric = "neg_mse" if evaluator == "map" else "unused"
+    return select_block(model, SequentialTarget(), batches, evaluator=evaluator, metric=metric, **kwargs)
+
+
+# ---- the toy model -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quiet", [1, 3])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_every_evaluator_picks_the_near_identity_block(evaluator, quiet):
+    model = ToyNet(quiet=quiet)
+    result = toy_select(model, toy_batches(model), evaluator)
+    assert result.chosen == result.chosen_original == quiet
+    assert result.higher_is_better is (evaluator == "map")
+    assert sorted(result.scores) == list(range(5))
+
+
+@pytest.mark.parametrize("evaluator", ["map", "loss"])
+def test_shared_prefix_equals_naive_on_the_toy_model(evaluator):
+    model = ToyNet(depth=6, quiet=4)
+    batches = toy_batches(model)
+    cached, naive = toy_select(model, batches, evaluator), toy_select(model, batches, evaluator, naive=True)
+    assert cached.chosen == naive.chosen == 4 and not cached.naive and naive.naive
+    assert cached.scores.keys() == naive.scores.keys()
+    for k in cached.scores:
+        assert cached.scores[k] == pytest.approx(naive.scores[k], abs=1e-6, rel=0)
+    n, b = 6, len(batches)
+    assert cached.block_forwards == b * ((n - 1) + n * (n - 1) // 2)
+    assert naive.block_forwards == naive.naive_block_forwards == cached.naive_block_forwards == b * n * (n - 1)
+
+
+def _by_hand(model, batches):
+    """Block influence computed from the blocks' inputs and outputs over all tokens of all batches."""
+    inputs, outputs = [[] for _ in model.blocks], [[] for _ in model.blocks]
+    with torch.no_grad():
+        for batch in batches:
+            h = model.embed(batch["x"])
+            for k, block in enumerate(model.blocks):
+                inputs[k].append(h.reshape(-1, h.shape[-1]))
+                h = block(h)
+                outputs[k].append(h.reshape(-1, h.shape[-1]))
+    mse, cosine = {}, {}
+    for k in range(len(model.blocks)):
+        x, y = torch.cat(inputs[k]).double(), torch.cat(outputs[k]).double()  # (tokens, C)
+        mse[k] = float(((y - x) ** 2).mean())
+        cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+        cosine[k] = float((1 - cos).mean())
+    return {"feature_mse": mse, "feature_cosine": cosine}
+
+
+@pytest.mark.parametrize("evaluator", ["feature_mse", "feature_cosine"])
+def test_feature_scores_equal_a_hand_computation(evaluator):
+    model = ToyNet(quiet=2)
+    batches = toy_batches(model, sizes=(3, 1, 2))  # unequal batches: weights are per token
+    result = toy_select(model, batches, evaluator, naive=True)  # no naive variant: same single forward
+    expected = _by_hand(model, batches)[evaluator]
+    for k, value in expected.items():
+        assert result.scores[k] == pytest.approx(value, rel=1e-9)
+    assert result.chosen == min(expected, key=expected.get) == 2
+    assert result.block_forwards == result.naive_block_forwards == 3 * 5 and not result.naive
+
+
+def test_scores_use_original_indices_after_a_drop():
+    model = ToyNet(depth=6, quiet=4)
+    drop_blocks(model, [1])  # originals now 0, 2, 3, 4, 5
+    batches = toy_batches(model)
+    for evaluator in EVALUATORS:
+        result = toy_select(model, batches, evaluator)
+        assert sorted(result.scores) == [0, 2, 3, 4, 5]
+        assert (result.chosen, result.chosen_original) == (3, 4), evaluator
+    record = result.to_dict()
+    assert json.loads(json.dumps(record)) == record and set(record["scores"]) == {"0", "2", "3", "4", "5"}
+
+
+def test_candidates_restrict_the_choice_and_the_work():
+    model = ToyNet(depth=5, quiet=3)
+    batches = toy_batches(model)
+    result = toy_select(model, batches, "loss", candidates=[0, 1])
+    assert sorted(result.scores) == [0, 1] and result.chosen in (0, 1)
+    full = toy_select(model, batches, "loss")
+    assert result.scores == {k: full.scores[k] for k in (0, 1)}
+    assert result.block_forwards == 3 * (1 + 4 + 3)  # prefix to block 1, then branches of 4 and 3
+    with pytest.raises(BlockdropError, match="candidates"):
+        toy_select(model, batches, "loss", candidates=[5])
+
+
+def test_ties_go_to_the_lowest_position_and_the_model_is_left_as_it_was():
+    model = ToyNet(depth=4)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.fc2.weight.zero_()
+            block.fc2.bias.zero_()  # every block is the identity: all candidates tie
+    model.train()
+    batches = toy_batches(model)
+    for evaluator in EVALUATORS:
+        result = toy_select(model, batches, evaluator)
+        assert result.chosen == 0, evaluator
+    assert all(m.training for m in model.modules())
+    assert all(not b._forward_pre_hooks for b in model.blocks)
+
+
+def test_refusals_name_the_problem():
+    model = ToyNet(depth=2)
+    batches = toy_batches(model)
+    with pytest.raises(BlockdropError, match="evaluator 'mAP'"):
+        toy_select(model, batches, "mAP")
+    with pytest.raises(BlockdropError, match="metric 'average_mAP'"):
+        select_block(model, SequentialTarget(), batches, evaluator="map")
+    with pytest.raises(BlockdropError, match="no batches"):
+        toy_select(model, [], "loss")
+    drop_blocks(model, [0])
+    with pytest.raises(BlockdropError, match="1 block"):
+        toy_select(model, batches, "loss")
+
+
+# ---- a tiny Detector -----------------------------------------------------------------------------
+
+def _sequence_data(root, videos: int = 3, length: int = 160, rate: float = 10.0) -> None:
+    """Class k is a step of +(k+1) on channel k over its segment."""
+    rng = np.random.default_rng(0)
+    (root / "sequences").mkdir(parents=True)
+    database = {}
+    for i in range(videos):
+        x = rng.normal(0, 0.1, size=(length, 3)).astype(np.float32)
+        segments = []
+        for start in (20, 100):
+            k, dur = int(rng.integers(0, 3)), int(rng.integers(20, 40))
+            x[start:start + dur, k] += k + 1
+            segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
+        np.save(root / "sequences" / f"v{i}.npy", x)
+        database[f"v{i}"] = {"subset": "train", "duration": length / rate, "fps": rate, "annotations": segments}
+    (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
+
+
+@pytest.fixture(scope="module")
+def detector_setup(tmp_path_factory):
+    from blockdrop.build import build_detector, load_experiment_annotations, make_dataset, make_source
+    from blockdrop.compress.target import DetectorTarget
+    from blockdrop.config import from_dict
+    from blockdrop.data.dataset import collate_windows
+    from blockdrop.experiment import ExperimentConfig
+
+    root = tmp_path_factory.mktemp("selection") / "data"
+    _sequence_data(root)
+    cfg = from_dict(ExperimentConfig, {
+        "data": {"kind": "sequence", "root": str(root), "window": 64, "test_stride": 48},
+        "backbone": {"kind": "sequence", "depth": 4, "width": 32, "heads": 2, "patch": 4, "drop_path": 0.0},
+        "head": {"embed_dim": 32, "fpn_dim": 32, "head_dim": 32, "attn_window": 5}})
+    annotations = load_experiment_annotations(cfg.data).subset("train")
+    source = make_source(cfg.data, annotations)
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=3, in_channels=3)
+    dataset = make_dataset(cfg, annotations, source, train=False, feature_stride=model.feature_stride)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate_windows)
+    return model, DetectorTarget(dataset, cfg.eval), loader
+
+
+@pytest.mark.parametrize("evaluator", ["map", "loss"])
+def test_shared_prefix_equals_naive_on_a_tiny_detector(detector_setup, evaluator):
+    model, target, loader = detector_setup
+    cached = select_block(model, target, loader, evaluator=evaluator, metric="mAP@0.5")
+    naive = select_block(model, target, loader, evaluator=evaluator, metric="mAP@0.5", naive=True)
+    assert cached.chosen == naive.chosen and sorted(cached.scores) == [0, 1, 2, 3]
+    for k in cached.scores:
+        assert math.isfinite(cached.scores[k])
+        assert cached.scores[k] == pytest.approx(naive.scores[k], abs=1e-6, rel=0)
+    n, b = 4, cached.batches
+    assert b == len(loader) > 1
+    assert cached.block_forwards == b * ((n - 1) + n * (n - 1) // 2)
+    assert naive.block_forwards == cached.naive_block_forwards == b * n * (n - 1)
+    if evaluator == "loss":  # untrained detectors may tie at 0 mAP; losses always differ
+        assert len(set(cached.scores.values())) == n
