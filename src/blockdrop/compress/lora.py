@@ -1,0 +1,222 @@
+"""LoRA on the remaining blocks' attention projections, through peft; and merging it back.
+
+Alignment fine-tuning (docs/compression.md, "Cross-depth alignment") trains a low-rank update of
+each remaining block's `attn.qkv` and `attn.proj`, plus a few small groups named by pattern (all
+LayerNorms, the tokenizer / patch embedding, the detection head); every other weight is frozen.
+
+peft does the LoRA: `inject_adapter_in_model` wraps each target nn.Linear in place in a
+`peft.tuners.lora.Linear` (B initialised to zero, so the adapted model starts equal to the
+original). Injection keeps the model's class, attributes and block-stack container, so
+`kept_blocks` and the `CompressionTarget` callables work unchanged on the adapted model.
+`merge_lora` folds the update into the base weights with peft's own layer merge (the step
+`merge_and_unload` runs, which injected models lack as a method), checks the outputs, and puts
+the plain nn.Linear back: no peft module is left and the state-dict keys are the original ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from blockdrop.compress.stack import BlockStack, find_block_stack
+from blockdrop.errors import BlockdropError
+
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj")
+# the released recipe trains all LayerNorms, the patch embedding (our `tokenizer`) and the head
+DEFAULT_TRAINABLE = ("norm", "patch_embed", "tokenizer", "head")
+_GRAD_FLAGS = "_blockdrop_requires_grad"  # on the model: requires_grad of every parameter before add_lora
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every peft tuner layer in ``model`` (none inside another)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return [(name, m) for name, m in found if not any(name.startswith(other + ".") for other, _ in found)]
+
+
+def _names(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+# ---- adding --------------------------------------------------------------------------------------
+
+def _target_names(model: nn.Module, stack: BlockStack, targets) -> list[str]:
+    """Full names of the Linear modules to wrap: every target in every current block."""
+    if not targets:
+        raise BlockdropError(f"LoRA targets must be a non-empty list of module names, got {targets!r}")
+    modules = dict(model.named_modules())
+    names = [f"{stack.path}.{i}.{t}" for i in range(stack.depth) for t in targets]
+    missing = [n for n in names if n not in modules]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names
+             if n in modules and not isinstance(modules[n], nn.Linear)]
+    if missing or wrong:
+        linears = [n for n, m in stack.modules[0].named_modules() if isinstance(m, nn.Linear)]
+        problem = f"{missing[0]} does not exist" if missing else f"{wrong[0]} is not an nn.Linear"
+        raise BlockdropError(f"LoRA targets {list(targets)}: {problem}; the Linear modules of a block in "
+                             f"{stack.path!r} are {', '.join(linears) or 'none'}")
+    return names
+
+
+def _target_regex(stack: BlockStack, targets) -> str:
+    """peft's target_modules as one regex (peft full-matches it against module names)."""
+    positions = "|".join(str(i) for i in range(stack.depth))
+    suffixes = "|".join(re.escape(t) for t in targets)
+    return rf"{re.escape(stack.path)}\.({positions})\.({suffixes})"
+
+
+def _compile(patterns, model: nn.Module, explicit: bool) -> list[re.Pattern]:
+    """The trainable patterns as regexes; explicitly given ones must each match a parameter name."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as err:
+        raise BlockdropError(f"trainable pattern {err.pattern!r} is not a regular expression: {err}") from None
+    names = [name for name, _ in model.named_parameters()]
+    unused = [c.pattern for c in compiled if not any(c.search(n) for n in names)]
+    if explicit and unused:
+        raise BlockdropError(f"trainable patterns {unused} match no parameter of {type(model).__name__}")
+    return compiled
+
+
+def _set_trainable(model: nn.Module, compiled: list[re.Pattern]) -> None:
+    """LoRA parameters and parameters whose name matches a pattern (re.search) train; the rest is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or any(c.search(name) for c in compiled))
+
+
+def add_lora(model: nn.Module, target, *, rank: int | None = None, alpha: float | None = None,
+             targets=DEFAULT_TARGETS, trainable=None, dropout: float = 0.0) -> nn.Module:
+    """Wrap ``targets`` (names inside a block) of every block of ``target.stack_path`` in peft LoRA.
+
+    ``target`` is a CompressionTarget (only its ``stack_path`` is read) or the path itself.
+    rank defaults to (smallest in_features of the wrapped Linears) // 4, alpha to rank (scale 1).
+    Afterwards only the LoRA A/B matrices and the parameters whose names match a ``trainable``
+    regex (``re.search``) require grad; ``trainable=None`` means DEFAULT_TRAINABLE, where a pattern
+    that matches nothing is fine, while every explicitly given pattern must match something.
+    Modifies ``model`` in place and returns it; ``merge_lora`` undoes the freezing.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    path = target if isinstance(target, str) else target.stack_path
+    targets = _names(targets)
+    patterns = DEFAULT_TRAINABLE if trainable is None else _names(trainable)
+    stack = find_block_stack(model, path)
+    if lora_layers(model):
+        raise BlockdropError(f"{type(model).__name__} already has LoRA layers; merge_lora it first")
+    names = _target_names(model, stack, targets)
+    rank = rank if rank is not None else max(1, min(model.get_submodule(n).in_features for n in names) // 4)
+    if rank <= 0 or (alpha is not None and alpha <= 0) or not 0.0 <= dropout < 1.0:
+        raise BlockdropError(f"LoRA needs rank > 0, alpha > 0 and dropout in [0, 1); got rank={rank}, "
+                             f"alpha={alpha}, dropout={dropout}")
+    compiled = _compile(patterns, model, explicit=trainable is not None)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        target_modules=_target_regex(stack, targets), bias="none")
+    inject_adapter_in_model(config, model)
+    assert sorted(n for n, _ in lora_layers(model)) == sorted(names), "peft wrapped other modules than asked"
+    assert find_block_stack(model, path).original_indices == stack.original_indices, "kept_blocks map lost"
+    _set_trainable(model, compiled)
+    setattr(model, _GRAD_FLAGS, flags)
+    return model
+
+
+# ---- merging -------------------------------------------------------------------------------------
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor inside a (nested) output: tensors, dicts, lists, tuples, dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, check_fn) -> list[torch.Tensor]:
+    """check_fn(model) in eval mode without grad; every module's training flag is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return [t.detach().clone() for t in _tensors(check_fn(model))]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _disagreement(before, after, atol: float, rtol: float) -> str | None:
+    if not before or len(before) != len(after):
+        return f"check_fn returned {len(before)} tensors before the merge and {len(after)} after"
+    for i, (a, b) in enumerate(zip(before, after)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i}: {tuple(a.shape)} {a.dtype} before, {tuple(b.shape)} {b.dtype} after"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {i} ({a.dtype}) changed"
+            continue
+        if (torch.isfinite(a) & ~torch.isfinite(b)).any():  # inf in both is fine: a (lo, inf) range
+            return f"output {i} is not finite after the merge where it was before"
+        if not torch.allclose(b, a, atol=atol, rtol=rtol, equal_nan=True):
+            return f"output {i} differs by up to {float((a - b).abs().max()):.3g} (atol={atol}, rtol={rtol})"
+    return None
+
+
+def _merge_layers(layers) -> None:
+    """peft's merge of every layer (safe_merge: in a copy, checked finite); all or nothing."""
+    done = []
+    for name, layer in layers:
+        try:
+            layer.merge(safe_merge=True)
+        except ValueError as err:
+            for _, merged in done:
+                merged.unmerge()
+            raise BlockdropError(f"merge_lora: {name}: {err}") from None
+        done.append((name, layer))
+
+
+def _unload(model: nn.Module, layers) -> None:
+    for name, layer in layers:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.get_base_layer())
+    vars(model).pop("peft_config", None)  # set by inject_adapter_in_model; peft drops it on unload too
+    flags = vars(model).pop(_GRAD_FLAGS, None)
+    if flags is not None:
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+
+
+def merge_lora(model: nn.Module, check_fn: Callable[[nn.Module], object] | None = None, *,
+               atol: float = 1e-4, rtol: float = 1e-3) -> nn.Module:
+    """Fold every LoRA layer into its base weight and unwrap it; return the plain model.
+
+    With ``check_fn(model) -> output`` (tensors, or dicts / lists / dataclasses of them), it is run
+    in eval mode before and after merging: the merged outputs must be finite wherever the adapted
+    ones are, and equal them within ``atol`` / ``rtol`` (torch.allclose), else the merge is undone (the model stays
+    adapted) and a BlockdropError says which output differs by how much. The parameters' requires_grad
+    flags are restored to what they were before ``add_lora``. A ``peft.PeftModel`` is unwrapped first.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    layers = lora_layers(model)
+    if not layers:
+        raise BlockdropError(f"merge_lora: {type(model).__name__} has no LoRA layers")
+    before = _outputs(model, check_fn) if check_fn is not None else None
+    _merge_layers(layers)
+    if check_fn is not None:
+        problem = _disagreement(before, _outputs(model, check_fn), atol, rtol)
+        if problem:
+            for _, layer in layers:
+                layer.unmerge()
+            raise BlockdropError(f"merge_lora: the merged model disagrees with the adapted one: {problem}")
+    _unload(model, layers)
+    return model
