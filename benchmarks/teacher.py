@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from blockdrop.build import input_channels, load_experiment_annotations, make_source
+from blockdrop.build import example_window, input_channels, load_experiment_annotations, make_source
 from blockdrop.cli import resolve_config_path
 from blockdrop.config import load_config
 from blockdrop.experiment import ExperimentConfig
@@ -32,11 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def window_macs(model, cfg: ExperimentConfig, channels: int) -> dict:
     """MACs of one test window (batch 1) through the whole detector, and of the backbone alone."""
-    shape = (1, cfg.data.window, channels) if cfg.data.kind == "sequence" else \
-        (1, cfg.data.window, cfg.data.frame_size, cfg.data.frame_size, 3)
-    dtype = torch.float32 if cfg.data.kind == "sequence" else torch.uint8
-    inputs = torch.zeros(shape, dtype=dtype)
-    mask = torch.ones(1, cfg.data.window, dtype=torch.bool)
+    inputs, mask = example_window(cfg, channels)
     total = count_macs(model, inputs, mask)
     backbone = count_macs(model.backbone, inputs)
     return {"gmacs": total["gmacs"], "backbone_gmacs": backbone["gmacs"], "linear_gmacs": total["linear_gmacs"]}

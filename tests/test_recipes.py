@@ -15,6 +15,8 @@ from blockdrop.data.annotations import load_annotations
 from blockdrop.experiment import ExperimentConfig
 from blockdrop.recipes import load_detector, train_experiment
 
+from conftest import tiny_config
+
 SHIPPED = sorted(Path(str(files("blockdrop") / "configs")).glob("*.yaml"))
 TINY_MODEL = ["backbone.depth=2", "backbone.width=32", "backbone.heads=2", "backbone.size=null",
               "head.embed_dim=32", "head.fpn_dim=32", "head.head_dim=32"]
@@ -41,46 +43,8 @@ def test_every_shipped_config_loads_and_builds(path):
     assert model.backbone.depth == 2
 
 
-def _make_dataset(root: Path, videos: int = 8, rate: float = 10.0) -> None:
-    """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment."""
-    rng = np.random.default_rng(0)
-    (root / "sequences").mkdir(parents=True)
-    database = {}
-    for i in range(videos):
-        length = 200
-        x = rng.normal(0, 0.1, size=(length, 3)).astype(np.float32)
-        segments = []
-        for start in (20, 110):
-            k, dur = int(rng.integers(0, 3)), int(rng.integers(20, 50))
-            x[start:start + dur, k] += k + 1
-            segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
-        np.save(root / "sequences" / f"v{i}.npy", x)
-        subset = "train" if i < 5 else ("val" if i < 7 else "test")
-        database[f"v{i}"] = {"subset": subset, "duration": length / rate, "fps": rate, "annotations": segments}
-    (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
-
-
-def _tiny_config(tmp_path: Path, **train) -> Path:
-    root = tmp_path / "data"
-    if not root.exists():
-        _make_dataset(root)
-    cfg = {
-        "data": {"kind": "sequence", "root": str(root), "window": 128, "test_stride": 64, "train_repeats": 2},
-        "backbone": {"kind": "sequence", "depth": 2, "width": 32, "heads": 2, "patch": 4, "drop_path": 0.0},
-        "head": {"embed_dim": 32, "fpn_dim": 32, "head_dim": 32, "attn_window": 5},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "warmup_epochs": 1, "ema_decay": 0.9, **train},
-        "eval": {"batch_size": 4},
-        "output": str(tmp_path / "run"),
-    }
-    path = tmp_path / "tiny.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_train_then_eval_through_the_cli(tmp_path, capsys):
-    config = _tiny_config(tmp_path)
+    config = tiny_config(tmp_path)
     assert main(["train", str(config), "--quiet"]) == 0
     run = tmp_path / "run"
     assert (run / "model.safetensors").exists() and (run / "config.yaml").exists()
@@ -99,7 +63,7 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
 
 
 def test_saved_model_reloads_without_the_config(tmp_path):
-    config = _tiny_config(tmp_path, epochs=1)
+    config = tiny_config(tmp_path, epochs=1)
     cfg = load_config(ExperimentConfig, config)
     train_experiment(cfg, progress=False)
     model, builder = load_detector(tmp_path / "run" / "model.safetensors")
@@ -114,7 +78,7 @@ def test_saved_model_reloads_without_the_config(tmp_path):
 def test_detector_training_is_deterministic(tmp_path):
     states = []
     for name in ("a", "b"):
-        config = _tiny_config(tmp_path, epochs=1)
+        config = tiny_config(tmp_path, epochs=1)
         cfg = load_config(ExperimentConfig, config, [f"output={tmp_path / name}"])
         train_experiment(cfg, progress=False)
         model, _ = load_detector(tmp_path / name / "model.safetensors")
@@ -125,7 +89,7 @@ def test_detector_training_is_deterministic(tmp_path):
 
 
 def test_bad_config_and_override_errors_name_the_key(tmp_path, capsys):
-    config = _tiny_config(tmp_path)
+    config = tiny_config(tmp_path)
     assert main(["train", str(config), "--set", "train.epochz=3"]) == 2
     assert "unknown key 'epochz' in section 'train'" in capsys.readouterr().err
     assert main(["train", "no_such_config"]) == 2
@@ -133,7 +97,7 @@ def test_bad_config_and_override_errors_name_the_key(tmp_path, capsys):
 
 
 def test_validation_can_be_held_out_of_training(tmp_path):
-    config = _tiny_config(tmp_path)
+    config = tiny_config(tmp_path)
     cfg = load_config(ExperimentConfig, config, ["data.val_subset=null", "data.val_fraction=0.4"])
     annotations = load_annotations(Path(cfg.data.root) / "annotations.json")
     parts = split_annotations(cfg.data, annotations, seed=0)

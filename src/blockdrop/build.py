@@ -170,3 +170,14 @@ def build_from_builder(builder: dict) -> nn.Module:
     bb = asdict(cfg.backbone) | {"checkpoint": None, "checkpoint_format": None}
     cfg = from_dict(ExperimentConfig, {**builder["config"], "backbone": bb}, source="checkpoint metadata")
     return build_detector(cfg, len(builder["classes"]), builder["in_channels"])
+
+
+def example_window(cfg: ExperimentConfig, channels: int):
+    """One zero test window (batch 1) and its mask: the unit MACs and latency are reported for."""
+    import torch
+
+    if cfg.data.kind == "sequence":
+        inputs = torch.zeros(1, cfg.data.window, channels)
+    else:
+        inputs = torch.zeros(1, cfg.data.window, cfg.data.frame_size, cfg.data.frame_size, 3, dtype=torch.uint8)
+    return inputs, torch.ones(1, cfg.data.window, dtype=torch.bool)

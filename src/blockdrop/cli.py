@@ -84,6 +84,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from blockdrop.compress.progressive import format_history
+    from blockdrop.recipes import compress_experiment
+
+    cfg = load_experiment(args)
+    history = compress_experiment(cfg, teacher=args.teacher, out=args.out, resume=args.resume,
+                                  overwrite=args.overwrite, progress=not args.quiet)
+    print(format_history(history, cfg.eval.select_metric))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blockdrop.demo import run_demo
+
+    run_demo(args.out, overrides=args.set or (), progress=not args.quiet)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file, or the name of a shipped config (e.g. hapt)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -100,6 +118,12 @@ def _int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockdrop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job on real HAPT data: train, compress, score (minutes on a CPU)")
+    demo.add_argument("--out", type=Path, default=Path("blockdrop-demo"), help="working folder (re-runs continue)")
+    demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override the demo config")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="build datasets in the project's format")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -143,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", type=Path, default=None, help="also write the predictions JSON here")
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("compress", help="Progressive Block Drop of a trained detector")
+    _add_config_args(co)
+    co.add_argument("--teacher", type=Path, default=None, help="the teacher's model.safetensors "
+                    "(default: the config's compress.teacher)")
+    co.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output)")
+    co.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    co.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    co.add_argument("--quiet", action="store_true", help="no progress output")
+    co.set_defaults(func=cmd_compress)
     return parser
 
 

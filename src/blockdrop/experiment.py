@@ -140,10 +140,47 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """Progressive Block Drop: selection, stopping rules, and the alignment fine-tune of each step."""
+
+    teacher: str | None = None  # model.safetensors of the trained teacher (or --teacher)
+    evaluator: Literal["map", "loss", "feature_mse", "feature_cosine"] = "map"
+    selection_metric: str = "mAP@0.5"  # for the "map" evaluator (the released THUMOS recipe)
+    selection_videos: int | None = None  # score candidates on this many training videos (None: all)
+    max_blocks: int | None = None  # stop after dropping this many blocks
+    target_macs_reduction: float | None = None  # stop once MACs fell by this fraction (e.g. 0.25)
+    max_accuracy_drop: float | None = None  # validation points below the teacher that end the run (rolled back)
+    teacher_mode: Literal["original", "previous"] = "original"
+    one_shot: bool = False  # ablation: drop all max_blocks at once (step-1 scores), one fine-tune of the same budget
+    lora_rank: int | None = None  # default: block width // 4
+    lora_targets: tuple[str, ...] = ("attn.qkv", "attn.proj")
+    trainable: tuple[str, ...] = ("norm", "tokenizer", "head")  # trained in full besides LoRA
+    feature_weight: float = 1.0
+    cls_kd_weight: float = 1.0
+    reg_kd_weight: float = 1.0
+    gt_weight: float = 1.0
+    temperature: float = 3.5
+    latency_threads: int = 2
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4, warmup_epochs=1))
+
+    def __post_init__(self) -> None:
+        if self.max_blocks is None and self.target_macs_reduction is None:
+            raise ValueError("give 'max_blocks' or 'target_macs_reduction' (or both)")
+        _positive("max_blocks", self.max_blocks)
+        if self.target_macs_reduction is not None and not 0 < self.target_macs_reduction < 1:
+            raise ValueError(f"'target_macs_reduction' must be in (0, 1), got {self.target_macs_reduction}")
+        if self.one_shot and self.max_blocks is None:
+            raise ValueError("'one_shot' needs 'max_blocks'")
+        if self.temperature <= 0:
+            raise ValueError(f"'temperature' must be positive, got {self.temperature}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig
     backbone: BackboneConfig
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compress: CompressConfig = field(default_factory=lambda: CompressConfig(max_blocks=1))
     output: str = "runs/experiment"

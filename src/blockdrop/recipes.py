@@ -56,9 +56,13 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise ConfigError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace")
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        for name in ("metrics.jsonl", "train_state.pt"):
+    if overwrite and not resume:  # the user asked to start over: clear what a previous run left
+        import shutil
+
+        for name in ("metrics.jsonl", "train_state.pt", "history.json", MODEL_FILE, "summary.json"):
             (out / name).unlink(missing_ok=True)
+        for step in out.glob("step_*"):
+            shutil.rmtree(step)
 
 
 def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, resume: bool = False,
@@ -137,3 +141,80 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
     metrics["subset"] = subset or "test"
     metrics["blocks"] = model.backbone.depth
     return metrics
+
+
+def measure_detector(model, cfg: ExperimentConfig, channels: int) -> dict:
+    """Cost of one test window (batch 1): operator-level GMACs (all, backbone), params, CPU latency."""
+    from blockdrop.build import example_window
+    from blockdrop.measure import count_macs, count_params, measure_latency
+
+    inputs, mask = example_window(cfg, channels)
+    latency = measure_latency(model, inputs, mask, threads=cfg.compress.latency_threads, min_run_time=1.0)
+    return {"gmacs": count_macs(model, inputs, mask)["gmacs"],
+            "backbone_gmacs": count_macs(model.backbone, inputs)["gmacs"],
+            "params": count_params(model)["total"], "latency_ms": latency["median_ms"],
+            "latency_iqr_ms": latency["iqr_ms"]}
+
+
+def selection_setup(cfg: ExperimentConfig, model, annotations=None, source=None):
+    """(target, loader) over the selection split: training videos in test-mode windows (no
+    augmentation), optionally a seeded subset of ``compress.selection_videos`` of them."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from blockdrop.compress.target import DetectorTarget
+
+    annotations = annotations or load_experiment_annotations(cfg.data)
+    source = source or make_source(cfg.data, annotations)
+    part = split_annotations(cfg.data, annotations, cfg.train.seed)["train"]
+    if cfg.compress.selection_videos is not None:
+        ids = sorted(part.videos)
+        chosen = set(np.random.default_rng(cfg.train.seed).permutation(ids)[: cfg.compress.selection_videos].tolist())
+        part = replace(part, videos={v: i for v, i in part.videos.items() if v in chosen})
+    dataset = make_dataset(cfg, part, source, train=False, feature_stride=model.feature_stride)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate_windows)
+    return DetectorTarget(dataset, cfg.eval), loader
+
+
+def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = None, out: str | Path | None = None,
+                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Progressive Block Drop of a trained detector, as configured in ``cfg.compress``."""
+    from blockdrop.compress.progressive import Setup, progressive_block_drop
+    from blockdrop.compress.target import DetectorTarget
+
+    teacher_path = Path(teacher or cfg.compress.teacher or "")
+    if not teacher_path.is_file():
+        raise ConfigError(f"--teacher {teacher_path}: no such file (give the model.safetensors of a trained "
+                          "teacher, from `blockdrop train`)")
+    out = Path(out or cfg.output)
+    _prepare_output(out, resume, overwrite)
+    save_config(cfg, out / "config.yaml")
+    if cfg.compress.train.threads or cfg.train.threads:
+        torch.set_num_threads(cfg.compress.train.threads or cfg.train.threads)
+    seed_everything(cfg.compress.train.seed)
+    teacher_model, builder = load_detector(teacher_path)
+    teacher_model.eval().requires_grad_(False)
+    annotations = load_experiment_annotations(cfg.data)
+    if list(annotations.classes) != list(builder["classes"]):
+        raise ConfigError(f"--teacher {teacher_path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
+    source = make_source(cfg.data, annotations)
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
+    stride = teacher_model.feature_stride
+    selection_target, selection_loader = selection_setup(cfg, teacher_model, annotations, source)
+    train_ds = make_dataset(cfg, parts["train"], source, train=True, feature_stride=stride)
+    val_ds = make_dataset(cfg, parts["val"], source, train=False, feature_stride=stride)
+    channels = builder["in_channels"]
+    setup = Setup(
+        teacher=teacher_model, builder=builder,
+        selection_target=selection_target, selection_loader=selection_loader,
+        align_target=DetectorTarget(train_ds, cfg.eval),
+        train_loader=make_loader(train_ds, cfg.compress.train.batch_size, shuffle=True, seed=cfg.compress.train.seed,
+                                 collate_fn=collate_windows, num_workers=cfg.data.num_workers),
+        validate=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
+        measure=lambda m: measure_detector(m, cfg, channels),
+        progress=progress,
+    )
+    log = print if progress else (lambda _msg: None)
+    return progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
+                                  log=log)

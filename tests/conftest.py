@@ -1,0 +1,43 @@
+"""Shared test helpers: a tiny generated TAD dataset of 3-channel sequences and its config."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+def make_sequence_dataset(root: Path, videos: int = 8, rate: float = 10.0) -> None:
+    """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment."""
+    rng = np.random.default_rng(0)
+    (root / "sequences").mkdir(parents=True)
+    database = {}
+    for i in range(videos):
+        length = 200
+        x = rng.normal(0, 0.1, size=(length, 3)).astype(np.float32)
+        segments = []
+        for start in (20, 110):
+            k, dur = int(rng.integers(0, 3)), int(rng.integers(20, 50))
+            x[start:start + dur, k] += k + 1
+            segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
+        np.save(root / "sequences" / f"v{i}.npy", x)
+        subset = "train" if i < 5 else ("val" if i < 7 else "test")
+        database[f"v{i}"] = {"subset": subset, "duration": length / rate, "fps": rate, "annotations": segments}
+    (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
+
+
+def tiny_config(tmp_path: Path, **train) -> Path:
+    root = tmp_path / "data"
+    if not root.exists():
+        make_sequence_dataset(root)
+    cfg = {
+        "data": {"kind": "sequence", "root": str(root), "window": 128, "test_stride": 64, "train_repeats": 2},
+        "backbone": {"kind": "sequence", "depth": 2, "width": 32, "heads": 2, "patch": 4, "drop_path": 0.0},
+        "head": {"embed_dim": 32, "fpn_dim": 32, "head_dim": 32, "attn_window": 5},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "warmup_epochs": 1, "ema_decay": 0.9, **train},
+        "eval": {"batch_size": 4},
+        "output": str(tmp_path / "run"),
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,118 @@
+"""The Progressive Block Drop loop end to end on a tiny detector and generated data."""
+
+import json
+
+import pytest
+import torch
+
+import blockdrop.compress.progressive as progressive
+import blockdrop.recipes as recipes
+from blockdrop.compress.stack import kept_blocks
+from blockdrop.config import load_config
+from blockdrop.errors import ConfigError
+from blockdrop.experiment import ExperimentConfig
+from blockdrop.recipes import compress_experiment, load_detector, train_experiment
+
+from conftest import tiny_config
+
+COMPRESS = ["backbone.depth=4", "compress.max_blocks=2", "compress.selection_metric=average_mAP",
+            "compress.train.epochs=2", "compress.train.batch_size=2", "compress.train.eval_every=1",
+            "compress.train.ema_decay=0.5", "compress.latency_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("teacher")
+    config = tiny_config(tmp, epochs=1)
+    cfg = load_config(ExperimentConfig, config, ["backbone.depth=4"])
+    train_experiment(cfg, out=tmp / "teacher", progress=False)
+    return config, tmp / "teacher" / "model.safetensors"
+
+
+def _cfg(config, *extra):
+    return load_config(ExperimentConfig, config, COMPRESS + list(extra))
+
+
+def test_two_steps_drop_two_blocks_and_lower_the_cost(teacher, tmp_path):
+    config, teacher_path = teacher
+    history = compress_experiment(_cfg(config), teacher=teacher_path, out=tmp_path / "c", progress=False)
+    steps = history["steps"]
+    assert [s["blocks_dropped"] for s in steps] == [1, 2]
+    assert history["teacher"]["kept_blocks"] == [0, 1, 2, 3]
+    assert len(steps[-1]["kept_blocks"]) == 2
+    gmacs = [history["teacher"]["gmacs"]] + [s["gmacs"] for s in steps]
+    params = [history["teacher"]["params"]] + [s["params"] for s in steps]
+    assert gmacs[0] > gmacs[1] > gmacs[2] and params[0] > params[1] > params[2]
+    # every candidate's score is recorded, keyed by original index
+    assert set(steps[0]["selection"]["scores"]) == {"0", "1", "2", "3"}
+    assert len(steps[1]["selection"]["scores"]) == 3
+    model, _ = load_detector(tmp_path / "c" / "model.safetensors")  # loads without the original
+    assert kept_blocks(model, stack="backbone.blocks") == steps[-1]["kept_blocks"]
+    on_disk = json.loads((tmp_path / "c" / "history.json").read_text())
+    assert on_disk["stopped"] == "dropped max_blocks=2"
+
+
+def test_resume_after_interruptions_gives_the_same_kept_blocks(teacher, tmp_path, monkeypatch):
+    config, teacher_path = teacher
+    reference = compress_experiment(_cfg(config), teacher=teacher_path, out=tmp_path / "ref", progress=False)
+
+    calls = {"n": 0}
+    real_evaluate = recipes.evaluate
+
+    def flaky_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in (3, 7):  # inside step 1's alignment (epoch 2), then inside step 2
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(recipes, "evaluate", flaky_evaluate)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        compress_experiment(_cfg(config), teacher=teacher_path, out=out, progress=False)
+    assert (out / "step_01" / "selection.json").exists() and not (out / "step_01" / "model.safetensors").exists()
+    with pytest.raises(KeyboardInterrupt):
+        compress_experiment(_cfg(config), teacher=teacher_path, out=out, resume=True, progress=False)
+    assert json.loads((out / "history.json").read_text())["steps"][0]["step"] == 1
+    resumed = compress_experiment(_cfg(config), teacher=teacher_path, out=out, resume=True, progress=False)
+    assert resumed["steps"][-1]["kept_blocks"] == reference["steps"][-1]["kept_blocks"]
+    assert [s["dropped_original"] for s in resumed["steps"]] == [s["dropped_original"] for s in reference["steps"]]
+
+
+def test_a_step_that_loses_too_much_accuracy_is_rolled_back(teacher, tmp_path, monkeypatch):
+    config, teacher_path = teacher
+    scores = iter([60.0] + [10.0] * 50)  # the teacher scores 60 on validation, every student 10
+    monkeypatch.setattr(recipes, "evaluate", lambda *a, **k: {"average_mAP": next(scores), "predictions": {}})
+    with pytest.raises(ConfigError, match="no step was kept"):
+        compress_experiment(_cfg(config, "compress.max_accuracy_drop=5"), teacher=teacher_path,
+                            out=tmp_path / "rb", progress=False)
+    history = json.loads((tmp_path / "rb" / "history.json").read_text())
+    assert history["steps"] == [] and history["rejected"]["status"] == "rolled_back"
+    assert "rolled back" in history["stopped"] and "max_accuracy_drop=5" in history["stopped"]
+
+
+def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
+    config, teacher_path = teacher
+    history = compress_experiment(_cfg(config, "compress.target_macs_reduction=0.01", "compress.max_blocks=3"),
+                                  teacher=teacher_path, out=tmp_path / "macs", progress=False)
+    assert len(history["steps"]) == 1 and history["stopped"].startswith("MACs reduced by")
+    one = compress_experiment(_cfg(config, "compress.one_shot=true"), teacher=teacher_path,
+                              out=tmp_path / "one", progress=False)
+    assert len(one["steps"]) == 1 and len(one["steps"][0]["dropped_original"]) == 2
+    assert one["steps"][0]["blocks_dropped"] == 2
+
+
+def test_stop_reason_rules():
+    class Cfg:
+        max_blocks, target_macs_reduction = 2, None
+
+    history = {"teacher": {"gmacs": 10.0, "kept_blocks": [0, 1, 2]}, "steps": [], "stopped": None}
+    assert progressive.stop_reason(Cfg, history) is None
+    history["steps"].append({"blocks_dropped": 2, "gmacs": 6.0, "kept_blocks": [0]})
+    assert progressive.stop_reason(Cfg, history) == "dropped max_blocks=2"
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    config = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="--teacher .*no such file"):
+        compress_experiment(_cfg(config), teacher=tmp_path / "nope.safetensors", out=tmp_path / "x")
