@@ -44,10 +44,10 @@ class SyntheticSpec:
     action_lengths: tuple[float, float] = (1.0, 8.0)  # seconds, log-uniform
     classes: tuple[str, ...] = CLASSES
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test
-    distractors: tuple[int, int] = (1, 3)  # always-present drifting objects per video
-    transients_per_minute: float = 2.0  # extra distractors that come and go
-    bursts_per_minute: float = 1.5  # per distractor: brief action-like twitches (hard negatives)
-    fade: tuple[float, float] = (0.2, 0.8)  # seconds over which an action ramps in / out
+    distractors: tuple[int, int] = (2, 4)  # always-present drifting objects per video
+    transients_per_minute: float = 4.0  # extra distractors that come and go
+    bursts_per_minute: float = 4.0  # per distractor: brief action-like twitches (hard negatives)
+    fade: tuple[float, float] = (0.3, 1.2)  # seconds over which an action ramps in / out
     noise: float = 0.03  # per-pixel sensor noise std (intensity 0..1)
 
     def __post_init__(self) -> None:
