@@ -71,12 +71,13 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
     from blockdrop.compress.stack import save_compressed
 
     out = Path(out or cfg.output)
+    device = dist.init_from_env()  # first: rank is only known once the process group is up
     if dist.is_main():
         _prepare_output(out, resume, overwrite)
         save_config(cfg, out / "config.yaml")
+    dist.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = dist.init_from_env()
     seed_everything(cfg.train.seed)
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
