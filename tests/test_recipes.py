@@ -4,7 +4,6 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ segment, never per candidate.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence

@@ -9,7 +9,6 @@ touched by `evaluate_checkpoint`, never for selection.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from blockdrop.build import (build_detector, build_from_builder, detector_builde
                              load_experiment_annotations, make_dataset, make_source, split_annotations)
 from blockdrop.config import save_config
 from blockdrop.data.dataset import collate_windows
+from blockdrop.fileio import atomic_write_text
 from blockdrop.errors import ConfigError
 from blockdrop.experiment import ExperimentConfig
 from blockdrop.inference import evaluate
@@ -46,10 +46,8 @@ def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
     return groups
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:

@@ -208,7 +208,8 @@ def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device) -> d
         losses = loss_fn(model, batch)
     total = losses["total"]
     if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite training loss: {{k: float(v) for k, v in losses.items()}}")
+        values = {k: float(v) for k, v in losses.items()}
+        raise FloatingPointError(f"non-finite training loss: {values}")
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if cfg.grad_clip > 0:

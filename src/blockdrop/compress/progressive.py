@@ -23,6 +23,7 @@ from typing import Callable
 from torch import nn
 
 from blockdrop.compress.stack import drop_blocks, kept_blocks, save_compressed
+from blockdrop.fileio import atomic_write_text
 from blockdrop.errors import ConfigError
 
 @dataclass
@@ -41,9 +42,7 @@ class Setup:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def stop_reason(cfg, history: dict) -> str | None:
@@ -152,7 +151,7 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
     student = setup.teacher
     if history["steps"]:
         student, _ = load_detector(out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors")
-    while (reason := stop_reason(cfg, history)) is None:
+    while stop_reason(cfg, history) is None:
         step = len(history["steps"]) + 1
         step_dir = out / f"step_{step:02d}"
         log(f"step {step}: selecting among {len(kept_after(history))} blocks ({cfg.evaluator})")

@@ -18,10 +18,7 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blockdrop.fileio import check_output_folder, staged_folder
 from blockdrop.errors import DataError
 
 RATE = 50.0  # samples per second
@@ -298,48 +296,22 @@ def build_annotations(recordings: list[Recording], val_users: tuple[int, ...]) -
 
 
 def _write_folder(folder: Path, recordings: list[Recording], annotations: dict) -> None:
-    (folder / "sequences").mkdir(parents=True)
+    (folder / "sequences").mkdir()
     for rec in recordings:
         np.save(folder / "sequences" / f"{rec.video_id}.npy", rec.signals)
     (folder / "annotations.json").write_text(json.dumps(annotations, indent=1) + "\n")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished tmp folder to out; an old out is only removed once the new one is in place."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old / out.name, out)  # put the previous output back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_hapt(out: str | Path, source: str | Path | None = None, val_users=None,
                  overwrite: bool = False) -> HaptSummary:
     """Write out/sequences/<video_id>.npy (T, 6) float32 and out/annotations.json; return counts."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: output path exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+    check_output_folder(out, overwrite)
     chosen = _check_val_users(val_users)
     recordings = load_hapt(source)
     annotations = build_annotations(recordings, chosen)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:  # build in tmp/<name> (made with the usual permissions, unlike mkdtemp's 0700), then swap in
-        _write_folder(tmp / out.name, recordings, annotations)
-        _publish(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(out) as tmp:
+        _write_folder(tmp, recordings, annotations)
     return summarize(annotations, out, chosen, {r.video_id: r.user for r in recordings})
 
 

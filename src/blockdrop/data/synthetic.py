@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from blockdrop.data.video import write_video
-from blockdrop.errors import ConfigError, DataError
+from blockdrop.fileio import atomic_write_text, check_output_folder, staged_folder
+from blockdrop.errors import ConfigError
 
 CLASSES = ("blink", "bounce", "grow", "orbit", "rotate", "slide")
 _SPLIT_SEED = 1_000_003  # second SeedSequence word for the subset shuffle, apart from video indices
@@ -369,32 +368,6 @@ def _render_into(folder: Path, spec: SyntheticSpec) -> dict:
     return database
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing ``out`` is swapped out, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old / out.name, out)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def render_synthetic(out: str | os.PathLike, spec: SyntheticSpec | None = None, *,
                      overwrite: bool = False) -> SyntheticSummary:
     """Render ``spec`` to ``out``/videos/<id>.mp4 and ``out``/annotations.json (OpenTAD convention).
@@ -404,19 +377,12 @@ def render_synthetic(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
     """
     spec = spec if spec is not None else SyntheticSpec()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: output path exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, overwrite)
     began = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as tmp:
         database = _render_into(tmp, spec)
-        _write_json_atomic(tmp / "annotations.json", {"classes": list(spec.classes), "database": database})
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        payload = {"classes": list(spec.classes), "database": database}
+        atomic_write_text(tmp / "annotations.json", json.dumps(payload, indent=1))
     return _summary(out, spec, database, time.perf_counter() - began)
 
 
