@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     co.add_argument("--quiet", action="store_true", help="no progress output")
     co.set_defaults(func=cmd_compress)
+
+    from blockdrop.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

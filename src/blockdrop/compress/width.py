@@ -1,0 +1,255 @@
+"""Width (channel) pruning of our ViT, the baseline that block drop is compared against.
+
+Two kinds of width, pruned uniformly in every block (torch-pruning does the dependency
+bookkeeping and the importance ranking):
+- MLP hidden channels: rows of `mlp.fc1` (and its bias) and the matching columns of `mlp.fc2`.
+- attention heads: whole heads, i.e. the head's slice of q, k and v in `attn.qkv` and its columns
+  of `attn.proj`. Heads keep their head_dim (64 in VideoMAE), so attention kernels stay standard.
+The residual width (patch embedding, norms, block outputs) is never pruned.
+
+VideoMAE's q/v biases live outside `qkv` (see models/vit.py), added after a cat with zeros for k.
+torch-pruning's graph tracer maps that cat onto qkv's output wrongly (its zero part carries no
+gradient), so we fold the biases into `qkv.bias` for the pruning, let torch-pruning prune a
+standard Linear, and unfold them afterwards; k's part of the bias stays zero throughout.
+
+Our Attention derives the head size from the residual width C, which stops holding once heads are
+removed; pruned attention modules become `NarrowAttention`, the same computation with the head
+size taken from `qkv` (see the note on the class).
+
+`prune_to_macs` finds the uniform pruning that costs a given number of MACs (the MACs of a
+block-drop point), so depth and width can be timed at equal MACs: docs/measurement.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdrop.errors import BlockdropError
+from blockdrop.measure import count_macs
+from blockdrop.models.vit import Attention, Mlp
+
+IMPORTANCES = ("l2", "l1", "random")
+MAX_RATIO = 0.9  # never remove more than 90% of a block's MLP channels or heads
+
+
+@dataclass(frozen=True)
+class WidthResult:
+    """What one width pruning changed (per block lists are in block order)."""
+
+    heads_before: list[int]
+    heads_after: list[int]
+    hidden_before: list[int]  # MLP hidden channels
+    hidden_after: list[int]
+    params_before: int
+    params_after: int
+    mlp_ratio: float  # fraction of MLP hidden channels asked to be removed
+    head_ratio: float  # fraction of heads asked to be removed (whole heads, rounded)
+    target_macs: int | None = None  # prune_to_macs only: the MACs asked for
+    macs: int | None = None  # prune_to_macs only: the MACs of the pruned model at example_input
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+
+class NarrowAttention(Attention):
+    """Attention whose inner width (heads * head_dim) may differ from the residual width.
+
+    Identical to `Attention.forward` except that the head size is read from `qkv` instead of the
+    residual width. If models/vit.py's Attention used `view(B, N, 3, heads, -1)` and
+    `reshape(B, N, -1)` itself, this class would be unnecessary.
+    """
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // (3 * self.heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim)
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            qkv = qkv + bias.to(qkv.dtype)
+        q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise BlockdropError("width pruning needs torch-pruning: pip install 'blockdrop[prune]'") from None
+    return torch_pruning
+
+
+def _importance(tp, name: str):
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "random":
+        return tp.importance.RandomImportance()
+    raise BlockdropError(f"importance must be one of {', '.join(IMPORTANCES)}, got {name!r}")
+
+
+def _parts(backbone: nn.Module) -> tuple[list[Attention], list[Mlp]]:
+    attns = [m for m in backbone.modules() if isinstance(m, Attention)]
+    mlps = [m for m in backbone.modules() if isinstance(m, Mlp)]
+    if not attns or not mlps:
+        raise BlockdropError(f"{type(backbone).__name__} has no blockdrop ViT blocks (Attention and Mlp "
+                             f"modules) to prune; prune_width works on models built by blockdrop.models.vit")
+    return attns, mlps
+
+
+def _check_ratio(name: str, value: float) -> float:
+    if not 0.0 <= value <= MAX_RATIO:
+        raise BlockdropError(f"{name} must be in [0, {MAX_RATIO}] (fraction removed), got {value}")
+    return float(value)
+
+
+def _fold_qv_bias(attn: Attention) -> bool:
+    """Move q/v biases into qkv.bias (k part zero) so torch-pruning sees one standard Linear."""
+    if attn.q_bias is None:
+        return False
+    if attn.qkv.bias is not None:
+        raise BlockdropError("attention has both a qkv bias and separate q/v biases; cannot prune it")
+    bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias)).detach()
+    attn.qkv.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
+    attn.q_bias = attn.v_bias = None  # registered parameters set to None: forward skips the add
+    return True
+
+
+def _unfold_qv_bias(attn: Attention) -> None:
+    bias = attn.qkv.bias.detach()
+    inner = bias.numel() // 3
+    assert torch.all(bias[inner:2 * inner] == 0), "k bias must stay zero through pruning"
+    grad = attn.qkv.bias.requires_grad
+    attn.q_bias = nn.Parameter(bias[:inner].clone(), requires_grad=grad)
+    attn.v_bias = nn.Parameter(bias[2 * inner:].clone(), requires_grad=grad)
+    attn.qkv.bias = None
+
+
+def _removed_heads(heads: int, head_ratio: float) -> int:
+    return min(round(head_ratio * heads), heads - 1)
+
+
+def _run_pruner(tp, backbone, attns, mlps, example_input, mlp_ratio, head_ratio, importance, round_to):
+    """One torch-pruning pass; returns the head count it left in each attention (by qkv)."""
+    num_heads = {a.qkv: a.heads for a in attns}
+    ratios = {m.fc1: mlp_ratio for m in mlps if mlp_ratio > 0}
+    removed = {a.qkv: _removed_heads(a.heads, head_ratio) for a in attns}
+    # torch-pruning removes ceil(ratio * heads) heads: ask for just under removed / heads. The
+    # attention group only enters its pruning loop with a positive channel ratio; with
+    # prune_head_dims=False that ratio selects nothing beyond the whole heads.
+    head_ratios = {a.qkv: (removed[a.qkv] - 0.5) / a.heads for a in attns if removed[a.qkv] > 0}
+    ratios.update({qkv: 0.5 for qkv in head_ratios})
+    pruner = tp.pruner.MetaPruner(
+        backbone, example_input, importance=_importance(tp, importance),
+        pruning_ratio=0.0,  # everything not listed (the residual width) keeps its channels
+        pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio_dict=head_ratios, round_to=round_to)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    return {qkv: pruner.num_heads[qkv] for qkv in num_heads}
+
+
+def prune_width(backbone: nn.Module, *, mlp_ratio: float = 0.0, head_ratio: float = 0.0,
+                example_input, importance: str = "l2", round_to: int | None = None) -> WidthResult:
+    """Remove MLP hidden channels and attention heads from every block of `backbone`, in place.
+
+    mlp_ratio: fraction of each block's MLP hidden channels removed (`round_to`: keep a multiple
+    of it). head_ratio: fraction of each block's heads removed, rounded to whole heads (at least
+    one head stays). importance: "l2" or "l1" weight magnitude of the whole coupled group (fc1
+    row + fc2 column; a head's q, k, v rows + proj columns), or "random". example_input: one
+    input on the model's device, used once to trace the graph (a single clip is enough).
+    """
+    tp = _torch_pruning()
+    mlp_ratio, head_ratio = _check_ratio("mlp_ratio", mlp_ratio), _check_ratio("head_ratio", head_ratio)
+    if importance not in IMPORTANCES:
+        raise BlockdropError(f"importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
+    attns, mlps = _parts(backbone)
+    heads_before, hidden_before = [a.heads for a in attns], [m.fc1.out_features for m in mlps]
+    params_before = sum(p.numel() for p in backbone.parameters())
+    folded = [_fold_qv_bias(a) for a in attns]
+    frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    was_training = backbone.training
+    try:
+        for p in frozen:  # the tracer follows grad_fn: every weight must take part in autograd
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            heads = _run_pruner(tp, backbone, attns, mlps, example_input, mlp_ratio, head_ratio,
+                                importance, round_to)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        backbone.train(was_training)
+        for attn, was_folded in zip(attns, folded):
+            if was_folded:
+                _unfold_qv_bias(attn)
+    for attn in attns:
+        attn.heads = heads[attn.qkv]
+        if type(attn) is Attention:
+            attn.__class__ = NarrowAttention  # same parameters, head size read from qkv
+    return WidthResult(heads_before, [a.heads for a in attns], hidden_before,
+                       [m.fc1.out_features for m in mlps], params_before,
+                       sum(p.numel() for p in backbone.parameters()), mlp_ratio, head_ratio)
+
+
+# ---- matching a MACs target ----------------------------------------------------------------------
+
+def _meta_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Operator-level MACs from shapes only: the model and input on the meta device."""
+    meta = copy.deepcopy(model).to("meta")
+    return count_macs(meta, example_input.to("meta"))["macs"]
+
+
+def _probe(backbone, example_input, mlp_ratio, head_ratio, importance, round_to) -> int:
+    trial = copy.deepcopy(backbone)
+    prune_width(trial, mlp_ratio=mlp_ratio, head_ratio=head_ratio, example_input=example_input,
+                importance=importance, round_to=round_to)
+    return _meta_macs(trial, example_input)
+
+
+def prune_to_macs(backbone: nn.Module, target_macs: int, example_input, *, importance: str = "l2",
+                  round_to: int | None = 8, tolerance: float = 0.01) -> WidthResult:
+    """Width-prune `backbone` in place, uniformly over blocks, until it costs ~`target_macs`.
+
+    MACs are operator-level (`blockdrop.measure.count_macs`) at `example_input`. Every block loses
+    the same number of whole heads and the same number of MLP channels. A block's MACs are affine
+    in its head count and, separately, in its MLP width, so two probe prunings (one head off; 50%
+    of the MLP off) give the whole cost surface. We take the head count that keeps the head
+    fraction closest to the MLP fraction the target then needs (as uniform as whole heads allow),
+    solve the MLP fraction, prune, and check the count. Raises BlockdropError when no pruning
+    within `MAX_RATIO` reaches the target within `tolerance` (relative).
+    """
+    original = _meta_macs(backbone, example_input)
+    if not 0 < target_macs <= original:
+        raise BlockdropError(f"target_macs {target_macs:,} must be positive and at most the model's "
+                             f"{original:,} MACs")
+    heads = max(a.heads for a in _parts(backbone)[0])
+    per_head = original - _probe(backbone, example_input, 0.0, 1 / heads, importance, None)
+    per_mlp = (original - _probe(backbone, example_input, 0.5, 0.0, importance, None)) / 0.5
+    plans = []
+    for removed in range(heads):
+        mlp = (original - target_macs - removed * per_head) / per_mlp
+        if 0.0 <= mlp <= MAX_RATIO:
+            plans.append((abs(mlp - removed / heads), removed, mlp))
+    if not plans:
+        raise BlockdropError(f"target_macs {target_macs:,} is out of reach of width pruning "
+                             f"(at most {MAX_RATIO:.0%} of MLP channels and {heads - 1} of {heads} heads)")
+    _, removed, mlp = min(plans)
+    head_ratio = removed / heads
+    result = prune_width(backbone, mlp_ratio=mlp, head_ratio=head_ratio, example_input=example_input,
+                         importance=importance, round_to=round_to)
+    macs = _meta_macs(backbone, example_input)
+    if abs(macs - target_macs) > tolerance * target_macs:
+        raise BlockdropError(f"width pruning reached {macs:,} MACs for a target of {target_macs:,} "
+                             f"(more than {tolerance:.1%} off); try a smaller round_to")
+    return replace(result, target_macs=int(target_macs), macs=macs)
+
