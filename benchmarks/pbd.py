@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated variants to run (and not report): "
                         + ",".join([*VARIANTS, "scratch", "selection_cost"]))
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--report", action="store_true",
+                        help="only collect the finished variant runs in --out (no training) and write the results")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
 
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"path": path, "overrides": args.set}
     cfg = load_config(ExperimentConfig, path, args.set + [f"compress.max_blocks={args.blocks}"])
     out = args.out or Path("runs") / args.name
+    if args.report:
+        report(args, cfg, out, finished_runs(spec, out, args.blocks, cfg))
+        return 0
     wanted = args.only.split(",") if args.only else [*VARIANTS, "scratch", "selection_cost"]
     done = {}
     for name in wanted:
@@ -130,6 +135,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report(args, cfg, out, done)
     return 0
+
+
+def finished_runs(spec, out: Path, blocks: int, cfg: ExperimentConfig) -> dict:
+    """The variants whose runs in ``out`` completed (a run still going or never started is left out)."""
+    done = {}
+    for name in VARIANTS:
+        path = out / name / "history.json"
+        if path.exists():
+            history = json.loads(path.read_text())
+            if history.get("stopped") and (out / name / MODEL_FILE).exists():
+                overrides = spec["overrides"] + VARIANTS[name] + [f"compress.max_blocks={blocks}"]
+                done[name] = {"history": history, "cfg": load_config(ExperimentConfig, spec["path"], overrides)}
+    summary = out / "scratch" / "summary.json"
+    if summary.exists():
+        teacher_cfg = load_config(ExperimentConfig, spec["path"], spec["overrides"])
+        depth = teacher_cfg.backbone.depth - blocks
+        epochs = teacher_cfg.train.epochs + blocks * cfg.compress.train.epochs
+        scratch_cfg = load_config(ExperimentConfig, spec["path"], spec["overrides"] + [
+            f"backbone.depth={depth}", f"train.epochs={epochs}"])
+        done["scratch"] = {"cfg": scratch_cfg, "depth": depth, "epochs": epochs}
+    if (out / "selection_cost.json").exists():
+        done["selection_cost"] = json.loads((out / "selection_cost.json").read_text())
+    return done
 
 
 def report(args, cfg: ExperimentConfig, out: Path, done: dict) -> None:
@@ -158,6 +186,7 @@ def report(args, cfg: ExperimentConfig, out: Path, done: dict) -> None:
                                 **test_scores(done["scratch"]["cfg"], out / "scratch" / MODEL_FILE)}
     record = {"name": args.name, "teacher": teacher, "steps": steps, "ablations": ablations,
               "selection_cost": done.get("selection_cost"), "stopped": main_history["stopped"],
+              "not_run": [n for n in [*VARIANTS, "scratch", "selection_cost"] if n not in done],
               "device": f"CPU ({platform.machine()}), latency with {cfg.compress.latency_threads} threads",
               "command": "python benchmarks/pbd.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
