@@ -212,6 +212,7 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
                                  collate_fn=collate_windows, num_workers=cfg.data.num_workers),
         validate=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
         measure=lambda m: measure_detector(m, cfg, channels),
+        load=lambda path: load_detector(path)[0],
         progress=progress,
     )
     log = print if progress else (lambda _msg: None)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Setup:
     train_loader: object
     validate: Callable[[nn.Module], dict]  # validation metrics (percent)
     measure: Callable[[nn.Module], dict]  # {"gmacs", "backbone_gmacs", "params", "latency_ms", ...}
+    load: Callable[[Path], nn.Module]  # a saved step's model.safetensors -> model (for --resume)
     progress: bool = True  # progress bars during alignment
 
 
@@ -135,8 +138,6 @@ def run_step(setup: Setup, student: nn.Module, cfg, step: int, step_dir: Path, r
 def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False, select_metric: str,
                            log: Callable[[str], None] = print) -> dict:
     """Run the loop in ``out``; returns the history (also written to out/history.json)."""
-    from blockdrop.recipes import load_detector
-
     history_path = out / "history.json"
     stack_path = setup.selection_target.stack_path
     teacher_kept = kept_blocks(setup.teacher, stack=stack_path)
@@ -150,7 +151,7 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
         write_json(history_path, history)
     student = setup.teacher
     if history["steps"]:
-        student, _ = load_detector(out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors")
+        student = setup.load(out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors")
     while stop_reason(cfg, history) is None:
         step = len(history["steps"]) + 1
         step_dir = out / f"step_{step:02d}"
@@ -179,7 +180,9 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
     write_json(history_path, history)
     if history["steps"]:
         final = out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors"
-        (out / "model.safetensors").write_bytes(final.read_bytes())
+        tmp = out / ".model.safetensors.tmp"
+        shutil.copyfile(final, tmp)
+        os.replace(tmp, out / "model.safetensors")  # never a half-copied final model
     elif not (out / "model.safetensors").exists():
         raise ConfigError(f"{out}: no step was kept ({history['stopped']})")
     return history
