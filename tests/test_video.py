@@ -191,3 +191,10 @@ def test_vtest_avi_msmpeg4_surveillance_clip():
     change = _frame_change(frames)
     assert change.min() > 0  # people keep walking through the scene
     assert change.max() < 30  # a fixed camera: no cuts
+
+
+def test_an_unavailable_codec_is_an_error_not_a_silent_swap(tmp_path):
+    frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"nope\.mp4: codec 'no_such_codec'"):
+        write_video(tmp_path / "nope.mp4", frames, 10.0, codec="no_such_codec")
+    assert not (tmp_path / "nope.mp4").exists()

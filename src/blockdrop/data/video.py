@@ -228,13 +228,16 @@ class _FrameConverter:
         return array
 
 
-def _encoder(codec: str) -> str:
-    """The requested encoder if this FFmpeg build has it, else MPEG-4 part 2 (always built in)."""
+def _encoder(codec: str, path) -> str:
+    """The requested encoder if this FFmpeg build has it. Only the default, libx264, falls back
+    (to MPEG-4 part 2, always built in); a codec the caller named explicitly is never swapped."""
     try:
         av.Codec(codec, "w")
         return codec
     except (av.FFmpegError, ValueError):
-        return "mpeg4"
+        if codec == "libx264":
+            return "mpeg4"
+        raise DataError(f"{path}: codec {codec!r} cannot encode with this FFmpeg build") from None
 
 
 # crf 18 is visually lossless; "veryfast" costs ~1/3 of the CPU of "medium" for slightly larger files.
@@ -251,7 +254,8 @@ def write_video(
 ) -> Path:
     """Write ``(T, H, W, 3)`` uint8 RGB frames as a playable yuv420p video, atomically.
 
-    ``codec`` falls back to ``mpeg4`` (built into every FFmpeg) when this build cannot encode it.
+    The default ``libx264`` falls back to ``mpeg4`` (built into every FFmpeg) when this build lacks
+    it; any other codec that cannot encode is an error.
     yuv420p halves chroma resolution, so H and W must be even. The file is written next to its
     destination under a temporary name and moved into place, so a crash never leaves half a video.
     """
@@ -264,7 +268,7 @@ def write_video(
         raise DataError(f"{path}: yuv420p needs even frame sizes, got {height}x{width}")
     if not fps > 0:
         raise DataError(f"{path}: fps must be positive, got {fps}")
-    encoder = _encoder(codec)
+    encoder = _encoder(codec, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".mp4")
     os.close(fd)
