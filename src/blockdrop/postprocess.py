@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from blockdrop.errors import BlockdropError, DataError
+from blockdrop.fileio import atomic_path
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # segments (N, 2), scores (N,), labels (N,)
 
@@ -194,19 +194,11 @@ def detections_to_results(per_video: Mapping[str, Sequence], classes: Sequence[s
 def save_results(results: Mapping, path: str | os.PathLike) -> Path:
     """Write a results dict as JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(results, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        os.unlink(tmp)
-        if isinstance(err, (OSError, ValueError)):
-            raise DataError(f"{path}: cannot write results ({err})") from None
-        raise
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot write results ({err})") from None
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from blockdrop import distributed as dist
 from blockdrop.experiment import TrainConfig
+from blockdrop.fileio import atomic_path
 
 LossFn = Callable[[nn.Module, dict], dict]
 EvalFn = Callable[[nn.Module], dict]
@@ -107,9 +107,8 @@ def _to_device(batch, device: torch.device):
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class _Logger:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Callable
 from torch import nn
 
 from blockdrop.compress.stack import drop_blocks, kept_blocks, save_compressed
-from blockdrop.fileio import atomic_write_text
+from blockdrop.fileio import atomic_path, atomic_write_text
 from blockdrop.errors import ConfigError
 
 @dataclass
@@ -180,9 +179,8 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
     write_json(history_path, history)
     if history["steps"]:
         final = out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors"
-        tmp = out / ".model.safetensors.tmp"
-        shutil.copyfile(final, tmp)
-        os.replace(tmp, out / "model.safetensors")  # never a half-copied final model
+        with atomic_path(out / "model.safetensors") as tmp:  # never a half-copied final model
+            shutil.copyfile(final, tmp)
     elif not (out / "model.safetensors").exists():
         raise ConfigError(f"{out}: no step was kept ({history['stopped']})")
     return history

@@ -18,14 +18,13 @@ compressed model from the uncompressed architecture without the original model o
 
 import json
 import operator
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from blockdrop.errors import BlockdropError, CheckpointError
+from blockdrop.fileio import atomic_path
 
 # Paths tried by auto-detection: a ModuleList/Sequential whose dotted path is one of these or ends
 # with "." + one of these. Every match is a candidate; more than one is an error, never a guess.
@@ -312,17 +311,8 @@ def _plain_tensors(state: dict) -> tuple[dict, dict]:
 def _atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_compressed(model: nn.Module, path, *, builder: dict, stack: "BlockStack | str | None" = None) -> Path:

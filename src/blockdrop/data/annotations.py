@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockdrop.errors import AnnotationError
+from blockdrop.fileio import atomic_path
 
 # An end this far past the duration is float noise (fps rounding), clipped without a note.
 OVERSHOOT_TOLERANCE_S = 1e-3
@@ -343,18 +342,9 @@ def load_annotations(path_or_dict, *, preset: str | None = None, overflow: str =
 
 
 def save_annotations(annotations: Annotations, path) -> Path:
-    """Write ``annotations.to_json()`` atomically: a temp file in the same folder, then os.replace,
+    """Write ``annotations.to_json()`` atomically: a temp file in the same folder, then a rename,
     so a crash or error never leaves a half-written file at ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(annotations.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(annotations.to_json(), f, indent=1)
     return path

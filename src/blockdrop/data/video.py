@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +25,7 @@ import av
 import numpy as np
 
 from blockdrop.errors import DataError
+from blockdrop.fileio import atomic_path
 
 # Frame times and output times are compared with this slack (seconds), far below any frame period,
 # so that 30 / 25 and a frame stamped 1.2 s are treated as equal despite float rounding.
@@ -269,17 +269,11 @@ def write_video(
     if not fps > 0:
         raise DataError(f"{path}: fps must be positive, got {fps}")
     encoder = _encoder(codec, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".mp4")
-    os.close(fd)
     try:
-        _encode(Path(tmp), frames, fps, encoder, options)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=path.suffix or ".mp4") as tmp:
+            _encode(tmp, frames, fps, encoder, options)
     except (av.FFmpegError, OSError) as err:
         raise DataError(f"{path}: cannot write video ({err})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -358,12 +352,5 @@ class VideoSource:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
