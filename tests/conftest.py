@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny generated TAD dataset of 3-channel sequences and its config."""
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -65,3 +66,10 @@ def tiny_config(tmp_path: Path, **train) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a local process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

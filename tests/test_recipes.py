@@ -1,6 +1,9 @@
 """Configs -> models -> train/eval recipes, end to end on a tiny generated dataset."""
 
 import json
+import os
+import subprocess
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from blockdrop.data.annotations import load_annotations
 from blockdrop.experiment import ExperimentConfig
 from blockdrop.recipes import load_detector, train_experiment
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 SHIPPED = sorted(Path(str(files("blockdrop") / "configs")).glob("*.yaml"))
 TINY_MODEL = ["backbone.depth=2", "backbone.width=32", "backbone.heads=2", "backbone.size=null",
@@ -105,3 +108,22 @@ def test_validation_can_be_held_out_of_training(tmp_path):
     assert set(parts["val"].videos) | set(parts["train"].videos) == set(annotations.subset("train").videos)
     again = split_annotations(cfg.data, annotations, seed=0)
     assert set(again["val"].videos) == set(parts["val"].videos)
+
+
+def test_train_under_torchrun_with_two_gloo_processes(tmp_path):
+    """The real command under PyTorch's launcher: 2 CPU processes, DDP over gloo, one run folder
+    written by rank 0, and a model that the single-process `eval` loads."""
+    config = tiny_config(tmp_path, threads=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "blockdrop", "train", str(config), "--quiet"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["blocks"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # one writer: rank 0
+    assert main(["eval", str(config), "--checkpoint", str(out / "model.safetensors"),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["average_mAP"] <= 100

@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ from torch.utils.data import TensorDataset
 
 from blockdrop.experiment import TrainConfig
 from blockdrop.train import fit, make_loader, seed_everything, warmup_cosine
+
+from conftest import free_port
 
 
 def _toy(seed: int = 0):
@@ -96,12 +97,6 @@ def test_selection_follows_the_validation_metric():
     assert result.best_epoch == 2 and result.best_metric == 5.0 and chosen == [1, 2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     from blockdrop import distributed as dist
@@ -119,7 +114,7 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_ddp_on_cpu_with_gloo_keeps_ranks_in_sync(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     p0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     p1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for a, b in zip(p0, p1):
