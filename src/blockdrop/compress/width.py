@@ -12,9 +12,8 @@ torch-pruning's graph tracer maps that cat onto qkv's output wrongly (its zero p
 gradient), so we fold the biases into `qkv.bias` for the pruning, let torch-pruning prune a
 standard Linear, and unfold them afterwards; k's part of the bias stays zero throughout.
 
-Our Attention derives the head size from the residual width C, which stops holding once heads are
-removed; pruned attention modules become `NarrowAttention`, the same computation with the head
-size taken from `qkv` (see the note on the class).
+Our Attention reads its head size from `qkv` (not from the residual width), so a pruned block is
+still a plain `Attention` with fewer heads.
 
 `prune_to_macs` finds the uniform pruning that costs a given number of MACs (the MACs of a
 block-drop point), so depth and width can be timed at equal MACs: docs/measurement.md.
@@ -26,7 +25,6 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from blockdrop.errors import BlockdropError
@@ -55,29 +53,6 @@ class WidthResult:
     @property
     def params_removed(self) -> int:
         return self.params_before - self.params_after
-
-
-class NarrowAttention(Attention):
-    """Attention whose inner width (heads * head_dim) may differ from the residual width.
-
-    Identical to `Attention.forward` except that the head size is read from `qkv` instead of the
-    residual width. If models/vit.py's Attention used `view(B, N, 3, heads, -1)` and
-    `reshape(B, N, -1)` itself, this class would be unnecessary.
-    """
-
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // (3 * self.heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim)
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-            qkv = qkv + bias.to(qkv.dtype)
-        q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 
 def _torch_pruning():
@@ -194,8 +169,6 @@ def prune_width(backbone: nn.Module, *, mlp_ratio: float = 0.0, head_ratio: floa
                 _unfold_qv_bias(attn)
     for attn in attns:
         attn.heads = heads[attn.qkv]
-        if type(attn) is Attention:
-            attn.__class__ = NarrowAttention  # same parameters, head size read from qkv
     return WidthResult(heads_before, [a.heads for a in attns], hidden_before,
                        [m.fc1.out_features for m in mlps], params_before,
                        sum(p.numel() for p in backbone.parameters()), mlp_ratio, head_ratio)

@@ -59,15 +59,20 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(width)) if qv else None
         self.proj = nn.Linear(width, width)
 
+    @property
+    def head_dim(self) -> int:
+        # read from qkv, not the residual width: width pruning removes whole heads (compress/width.py)
+        return self.qkv.out_features // (3 * self.heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x)  # (B, N, 3C)
+        B, N, _ = x.shape
+        qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim)
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
             qkv = qkv + bias.to(qkv.dtype)  # stay in the autocast dtype
-        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).flatten(2))  # (B, N, heads * head_dim)
 
 
 class Mlp(nn.Module):
