@@ -80,7 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(cfg, args.checkpoint, subset=args.subset, predictions_out=args.predictions)
     print(format_map_table(metrics))
     if args.json is not None:
-        args.json.write_text(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2) + "\n")
+        from blockdrop.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2) + "\n")
     return 0
 
 
@@ -92,6 +94,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     history = compress_experiment(cfg, teacher=args.teacher, out=args.out, resume=args.resume,
                                   overwrite=args.overwrite, progress=not args.quiet)
     print(format_history(history, cfg.eval.select_metric))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from blockdrop.export import export_detector
+
+    fmt = args.format or ("onnx" if args.out.suffix.lower() == ".onnx" else "pt2")
+    result = export_detector(args.checkpoint, args.out, fmt=fmt, batch=args.batch, tolerance=args.tolerance)
+    print(f"wrote {result.path} ({result.format}; max |exported - eager| = {result.max_abs_diff:.2e}) "
+          f"and {result.sidecar}")
     return 0
 
 
@@ -177,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     co.add_argument("--quiet", action="store_true", help="no progress output")
     co.set_defaults(func=cmd_compress)
+
+    ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment")
+    ex.add_argument("checkpoint", type=Path, help="model.safetensors from train or compress")
+    ex.add_argument("--out", type=Path, required=True, help="output file (e.g. detector.pt2 or detector.onnx)")
+    ex.add_argument("--format", choices=("pt2", "onnx"), default=None,
+                    help="default: from the --out suffix (.onnx -> onnx, else pt2)")
+    ex.add_argument("--batch", type=int, default=1, help="windows per call (fixed in the graph)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="max |exported - eager| accepted")
+    ex.set_defaults(func=cmd_export)
 
     from blockdrop.bench import add_bench_parser
 

@@ -1,0 +1,144 @@
+"""Export a saved detector (trained or compressed) as a self-contained graph for deployment.
+
+The checkpoint carries its own builder, so neither the config nor the uncompressed original is
+needed. The exported graph maps one batch of windows to the head's raw per-point predictions:
+
+    inputs (B, window, ...)   as the dataset gives them: uint8 frames (B, T, H, W, 3) for video
+                              (normalised inside the graph), float32 (B, T, C) for sequences
+    mask   (B, window) bool   valid input steps
+ -> cls_logits (B, P, K)      class logits per point (sigmoid for scores)
+    offsets    (B, P, 2)      (left, right) distances, in units of the point's stride
+    valid      (B, P) bool    points on valid feature steps
+    points     (P, 4)         [t, reg_lo, reg_hi, stride], t in feature steps
+
+A point's segment is ``(t - left * stride, t + right * stride) * feature_stride`` input steps;
+``feature_stride`` and the class names are written next to the graph (``<out>.json``), so a
+deployment needs only those two files. Decoding, NMS and window merging stay in Python
+(`Detector.predict`, `blockdrop.postprocess`): they are data-dependent and cheap.
+
+Formats: ``pt2`` (torch.export; load with ``torch.export.load(path).module()``) and ``onnx``
+(torch's dynamo exporter; needs ``pip install 'blockdrop[export-onnx]'``). Shapes are fixed to the
+batch size asked for and the config's window. Every export is loaded back and run on a test
+window; outputs that differ from the eager model by more than ``tolerance`` are an error and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blockdrop.errors import BlockdropError
+from blockdrop.fileio import atomic_path, atomic_write_text
+
+FORMATS = ("pt2", "onnx")
+OUTPUT_NAMES = ("cls_logits", "offsets", "valid", "points")
+
+
+class RawDetector(nn.Module):
+    """The detector's forward with plain tensor outputs (what an exporter can trace)."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor):
+        head = self.detector(inputs, mask).head
+        return head.cls_logits, head.offsets, head.valid, head.points
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str
+    max_abs_diff: float  # exported vs eager outputs on the check window
+    sidecar: Path
+
+
+def _check_window(builder: dict, batch: int):
+    """A deterministic, non-trivial window of the model's input shape (random frames or values)."""
+    from blockdrop.build import example_window
+    from blockdrop.config import from_dict
+    from blockdrop.experiment import ExperimentConfig
+
+    cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
+    zeros, mask = example_window(cfg, builder["in_channels"])
+    gen = torch.Generator().manual_seed(0)
+    if zeros.dtype == torch.uint8:
+        inputs = torch.randint(0, 256, (batch, *zeros.shape[1:]), generator=gen, dtype=torch.uint8)
+    else:
+        inputs = torch.randn((batch, *zeros.shape[1:]), generator=gen)
+    mask = mask.expand(batch, -1).clone()
+    mask[:, mask.shape[1] * 3 // 4:] = False  # a padded tail, as the last window of a video has
+    return inputs, mask, cfg
+
+
+def _max_diff(expected, got) -> float:
+    worst = 0.0
+    for name, a, b in zip(OUTPUT_NAMES, expected, got):
+        b = torch.as_tensor(b)
+        if a.shape != b.shape:
+            raise BlockdropError(f"export check: output {name} has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+        if a.dtype == torch.bool:
+            if not torch.equal(a, b.bool()):
+                raise BlockdropError(f"export check: output {name} differs from the eager model")
+            continue
+        worst = max(worst, float((a.float() - b.float()).abs().max()))
+    return worst
+
+
+def _export_pt2(raw: nn.Module, args: tuple, tmp: Path):
+    program = torch.export.export(raw, args)
+    torch.export.save(program, tmp)
+    return torch.export.load(tmp).module()(*args)
+
+
+def _export_onnx(raw: nn.Module, args: tuple, tmp: Path):
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's dynamo exporter imports it lazily)
+    except ImportError as err:
+        raise BlockdropError(f"--format onnx needs {err.name}: pip install 'blockdrop[export-onnx]'") from None
+    torch.onnx.export(raw, args, str(tmp), dynamo=True, input_names=["inputs", "mask"],
+                      output_names=list(OUTPUT_NAMES), verbose=False)
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    return session.run(list(OUTPUT_NAMES), feeds)
+
+
+def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2", batch: int = 1,
+                    tolerance: float = 1e-4) -> ExportResult:
+    """Export ``checkpoint`` (a `train` or `compress` model.safetensors) to ``out``."""
+    from blockdrop.recipes import load_detector
+
+    if fmt not in FORMATS:
+        raise BlockdropError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if batch < 1:
+        raise BlockdropError(f"--batch must be at least 1, got {batch}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_file():
+        raise BlockdropError(f"--checkpoint {checkpoint}: file not found")
+    model, builder = load_detector(checkpoint)
+    raw = RawDetector(model.float().eval()).eval()
+    inputs, mask, cfg = _check_window(builder, batch)
+    with torch.no_grad():
+        expected = raw(inputs, mask)
+        with atomic_path(out, suffix=out.suffix or f".{fmt}") as tmp:
+            got = (_export_pt2 if fmt == "pt2" else _export_onnx)(raw, (inputs, mask), tmp)
+            diff = _max_diff(expected, got)
+            if not diff <= tolerance:
+                raise BlockdropError(f"{out}: exported model differs from the eager one by {diff:.2e} "
+                                     f"(> tolerance {tolerance:g}); nothing written")
+    sidecar = out.with_name(out.name + ".json")
+    atomic_write_text(sidecar, json.dumps({
+        "format": fmt, "checkpoint": str(checkpoint), "classes": builder["classes"],
+        "inputs": {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")},
+        "mask": {"shape": list(mask.shape), "dtype": "bool"}, "outputs": list(OUTPUT_NAMES),
+        "feature_stride": float(model.feature_stride), "rate": None if cfg.data.rate is None else float(cfg.data.rate),
+        "blocks": int(model.backbone.depth), "max_abs_diff": diff,
+    }, indent=2) + "\n")
+    return ExportResult(out, fmt, diff, sidecar)
