@@ -11,6 +11,7 @@ from blockdrop.compress.stack import kept_blocks
 from blockdrop.config import load_config
 from blockdrop.errors import ConfigError
 from blockdrop.experiment import ExperimentConfig
+from blockdrop.cli import main
 from blockdrop.recipes import compress_experiment, load_detector, train_experiment
 
 from conftest import tiny_config
@@ -51,6 +52,12 @@ def test_two_steps_drop_two_blocks_and_lower_the_cost(teacher, tmp_path):
     assert kept_blocks(model, stack="backbone.blocks") == steps[-1]["kept_blocks"]
     on_disk = json.loads((tmp_path / "c" / "history.json").read_text())
     assert on_disk["stopped"] == "dropped max_blocks=2"
+    # the run ends with a readable report of the same figures
+    report = (tmp_path / "c" / "report.md").read_text()
+    dropped = [s["dropped_original"][0] for s in steps]
+    assert f"2 of 4 blocks dropped (50%; original indices {sorted(dropped)})" in report
+    assert f"chose original block {dropped[0]}" in report and f"chose original block {dropped[1]}" in report
+    assert f"| step 2 | {dropped[1]} | 2 | {steps[1]['gmacs']:.3f} |" in report
 
 
 def test_resume_after_interruptions_gives_the_same_kept_blocks(teacher, tmp_path, monkeypatch):
@@ -89,6 +96,12 @@ def test_a_step_that_loses_too_much_accuracy_is_rolled_back(teacher, tmp_path, m
     history = json.loads((tmp_path / "rb" / "history.json").read_text())
     assert history["steps"] == [] and history["rejected"]["status"] == "rolled_back"
     assert "rolled back" in history["stopped"] and "max_accuracy_drop=5" in history["stopped"]
+    # `blockdrop report` still explains the run that kept nothing
+    assert main(["report", str(tmp_path / "rb"), "--no-plot"]) == 0
+    report = (tmp_path / "rb" / "report.md").read_text()
+    assert "No block was dropped from the 4-block teacher" in report
+    assert "(rolled back)" in report and "## Rolled back" in report and "max_accuracy_drop=5" in report
+    assert not (tmp_path / "rb" / "report.png").exists()
 
 
 def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
@@ -116,3 +129,12 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path)
     with pytest.raises(ConfigError, match="--teacher .*no such file"):
         compress_experiment(_cfg(config), teacher=tmp_path / "nope.safetensors", out=tmp_path / "x")
+
+
+def test_report_errors_name_the_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "history.json" in capsys.readouterr().err
+    (tmp_path / "history.json").write_text('{"steps": []}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "'teacher'" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()

@@ -107,6 +107,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from blockdrop.report import write_report
+
+    for path in write_report(args.run, plot=not args.no_plot):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from blockdrop.demo import run_demo
 
@@ -189,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     co.add_argument("--quiet", action="store_true", help="no progress output")
     co.set_defaults(func=cmd_compress)
+
+    rp = sub.add_parser("report", help="write report.md (+ report.png) for a compress run folder")
+    rp.add_argument("run", type=Path, help="the run folder of `blockdrop compress` (has history.json)")
+    rp.add_argument("--no-plot", action="store_true", help="skip the plot even if matplotlib is installed")
+    rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment")
     ex.add_argument("checkpoint", type=Path, help="model.safetensors from train or compress")

@@ -216,5 +216,9 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
         progress=progress,
     )
     log = print if progress else (lambda _msg: None)
-    return progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
-                                  log=log)
+    history = progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
+                                     log=log)
+    from blockdrop.report import write_report
+
+    log(f"report: {', '.join(str(p) for p in write_report(out))}")
+    return history
