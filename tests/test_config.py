@@ -28,6 +28,7 @@ def test_minimal_config_fills_defaults():
         ({"data": {"kind": "audio", "root": "x", "window": 8}}, "data.kind must be one of"),
         ({"backbone": {"kind": "sequence"}}, "give 'size' or all of"),
         ({"eval": {"tiou_thresholds": [0.5, 1.5]}}, "'tiou_thresholds'"),
+        ({"data": {"kind": "video", "root": "x", "window": 8, "augment": ["blur"]}}, r"'augment': unknown \['blur'\]"),
     ],
 )
 def test_bad_values_name_the_key(patch, message):

@@ -167,3 +167,40 @@ def test_bad_arguments(source):
         "subset": "x", "duration": 1.0, "annotations": [{"segment": [0.0, 1.0], "label": "a"}]}}})
     with pytest.raises(DataError, match="'zzz'"):
         TADDataset(bad, source, window=100, train=False)
+
+
+class _GradientVideo:
+    """(T, H, W, 3) uint8 whose pixel values differ per column, channel and time, so a flip or a
+    colour permutation is visible and frames stay comparable one by one."""
+
+    rate = 10.0
+
+    def load(self, video_id):
+        t, w, c = np.meshgrid(np.arange(60), np.arange(6), np.arange(3), indexing="ij")
+        frame = (w * 40 + c * 10 + t % 10).astype(np.uint8)  # (T, W, 3), all values < 256
+        return np.repeat(frame[:, None], 4, axis=1)  # (T, H=4, W=6, 3)
+
+
+def test_video_augmentation_keeps_time_and_labels_and_is_reproducible():
+    from itertools import permutations
+
+    ann = load_annotations({"database": {"v": {"subset": "train", "duration": 6.0,
+                                               "annotations": [{"segment": [1.0, 2.0], "label": "wave"}]}}})
+    plain = TADDataset(ann, _GradientVideo(), window=20, train=True, seed=3, repeats=16)
+    aug = TADDataset(ann, _GradientVideo(), window=20, train=True, seed=3, repeats=16,
+                     augment=("hflip", "channel_shuffle"))
+    seen = set()
+    for i in range(len(plain)):
+        p, a = plain[i], aug[i]
+        # same crop and ground truth: augmentation draws after the crop, from the same item rng
+        assert p["window_start"] == a["window_start"]
+        torch.testing.assert_close(p["segments"], a["segments"])
+        # exactly one of the 12 whole-window transforms (the same on every frame)
+        matches = [(flip, perm) for flip in (False, True) for perm in permutations(range(3))
+                   if torch.equal(a["inputs"], (p["inputs"].flip(2) if flip else p["inputs"])[..., list(perm)])]
+        assert len(matches) == 1
+        seen.add(matches[0])
+        assert torch.equal(aug[i]["inputs"], a["inputs"])  # reproducible per (seed, epoch, index)
+    assert {flip for flip, _ in seen} == {False, True} and len({perm for _, perm in seen}) > 2
+    test = TADDataset(ann, _GradientVideo(), window=20, train=False, augment=("hflip",))
+    assert torch.equal(test[0]["inputs"], torch.from_numpy(_GradientVideo().load("v")[:20]))  # never at test time

@@ -91,7 +91,7 @@ def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: boo
     stride = feature_stride if float(feature_stride).is_integer() else 1
     return TADDataset(part, source, window=cfg.data.window, train=train, stride=cfg.data.test_stride,
                       feature_stride=int(stride), seed=cfg.train.seed, min_keep=cfg.data.min_keep,
-                      repeats=cfg.data.train_repeats if train else 1)
+                      repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment)
 
 
 def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:

@@ -16,6 +16,9 @@ def _positive(name: str, value: float | int | None) -> None:
         raise ValueError(f"'{name}' must be positive, got {value}")
 
 
+AUGMENTATIONS = ("hflip", "channel_shuffle")  # implemented in blockdrop.data.dataset.augment_window
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the dataset lives and how it is cut into windows (lengths in input steps)."""
@@ -36,6 +39,7 @@ class DataConfig:
     train_repeats: int = 1  # random training windows drawn per video per epoch
     min_keep: float = 0.5  # a segment cut by a training window is kept if this fraction survives
     cache_dir: str | None = None  # video: where decoded frames are cached as .npy
+    augment: tuple[str, ...] = ()  # video training windows: "hflip", "channel_shuffle" (see data/dataset.py)
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +51,9 @@ class DataConfig:
             raise ValueError(f"'val_fraction' must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError(f"'min_keep' must be in (0, 1], got {self.min_keep}")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"'augment': unknown {unknown}; choose from {list(AUGMENTATIONS)}")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,19 @@ def _sequence_length(source, video_id: str) -> int:
     return int(length)
 
 
+def augment_window(inputs: torch.Tensor, kinds, rng: np.random.Generator) -> torch.Tensor:
+    """Label-preserving augmentation of one video training window (T, H, W, 3), the same for
+    every frame so motion is untouched: "hflip" mirrors left-right with probability 1/2;
+    "channel_shuffle" permutes the colour channels at random (for data whose classes do not
+    depend on colour, such as the synthetic set; not for real footage). Draws from ``rng`` only
+    for the kinds asked for, in a fixed order."""
+    if "hflip" in kinds and rng.random() < 0.5:
+        inputs = inputs.flip(2)
+    if "channel_shuffle" in kinds:
+        inputs = inputs[..., torch.as_tensor(rng.permutation(3))]
+    return inputs.contiguous()
+
+
 def _window_input(array, start: int, window: int):
     """(window, ...) tensor from array[start:start + window], zero-padded, and its (window,) mask.
 
@@ -61,7 +74,8 @@ class TADDataset(Dataset):
     """
 
     def __init__(self, annotations: Annotations, source, *, window: int, train: bool, stride: int | None = None,
-                 feature_stride: int = 1, seed: int = 0, min_keep: float = 0.5, repeats: int = 1):
+                 feature_stride: int = 1, seed: int = 0, min_keep: float = 0.5, repeats: int = 1,
+                 augment: tuple[str, ...] = ()):
         if window < 1 or feature_stride < 1 or window % feature_stride:
             raise DataError(f"field 'window': {window} must be a positive multiple of "
                             f"feature_stride {feature_stride}")
@@ -77,7 +91,7 @@ class TADDataset(Dataset):
         self.rate = float(source.rate)
         self.window, self.train, self.stride = window, train, stride
         self.feature_stride, self.seed, self.min_keep = feature_stride, seed, min_keep
-        self.epoch, self.repeats = 0, repeats
+        self.epoch, self.repeats, self.augment = 0, repeats, tuple(augment)
         self._targets = {vid: _video_targets(annotations, vid, self.rate) for vid in annotations.videos}
         self._items = self._plan_items()
 
@@ -116,6 +130,11 @@ class TADDataset(Dataset):
         else:
             kept, indices = crop_segments(segments, start, min(self.window, length - start), self.min_keep)
         inputs, mask = _window_input(array, start, self.window)
+        if self.train and self.augment:
+            if inputs.dim() != 4 or inputs.shape[-1] != 3:
+                raise DataError(f"video {video_id!r}: augment {list(self.augment)} needs (T, H, W, 3) frames, "
+                                f"got {tuple(inputs.shape)}")
+            inputs = augment_window(inputs, self.augment, rng)
         return {
             "inputs": inputs,                                                    # (window, ...)
             "mask": mask,                                                        # (window,) bool
