@@ -235,3 +235,37 @@ def test_bench_width_points_match_the_depth_points(capsys):
     assert rows["width @ drop 1"]["kind"] == "width" and rows["width @ drop 1"]["blocks"] == "3"
     assert rows["width @ drop 1"]["latency_ms"] == "-"  # --rounds 0: cost only
     assert float(rows["width @ drop 1"]["macs_ratio"]) == pytest.approx(float(rows["drop 1"]["macs_ratio"]), rel=0.02)
+
+
+@needs_tp
+def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_original(tmp_path):
+    from blockdrop.build import build_detector, detector_builder
+    from blockdrop.cli import resolve_config_path
+    from blockdrop.compress.stack import drop_blocks, save_compressed
+    from blockdrop.compress.width import prune_width, with_widths
+    from blockdrop.config import load_config
+    from blockdrop.errors import CheckpointError
+    from blockdrop.experiment import ExperimentConfig
+    from blockdrop.recipes import load_detector
+
+    cfg = load_config(ExperimentConfig, resolve_config_path("synthetic"), [
+        "backbone.depth=3", "backbone.width=64", "backbone.heads=4", "head.embed_dim=32", "head.fpn_dim=32",
+        "head.head_dim=32", "data.window=32", "data.frame_size=32"])
+    torch.manual_seed(0)
+    model = build_detector(cfg, 3, 3).eval()
+    frames = torch.randint(0, 256, (1, 32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prune_width(model.backbone, mlp_ratio=0.5, head_ratio=0.5, example_input=frames[:, :16])
+    drop_blocks(model, [1])
+    builder = detector_builder(cfg, ("a", "b", "c"), 3)
+    save_compressed(model, tmp_path / "w.safetensors", builder=with_widths(builder, model, stack="backbone.blocks"))
+    loaded, meta = load_detector(tmp_path / "w.safetensors")
+    assert meta["widths"]["heads"] == {"0": 2, "2": 2} and meta["widths"]["mlp_hidden"] == {"0": 128, "2": 128}
+    assert [b.attn.heads for b in loaded.backbone.blocks] == [2, 2]
+    mask = torch.ones(1, 32, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(frames, mask).head.cls_logits, model(frames, mask).head.cls_logits,
+                                   rtol=0, atol=0)
+    # without the recorded widths the strict load names the misshaped tensors
+    save_compressed(model, tmp_path / "plain.safetensors", builder=builder)
+    with pytest.raises(CheckpointError, match="qkv"):
+        load_detector(tmp_path / "plain.safetensors")

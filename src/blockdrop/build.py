@@ -169,7 +169,12 @@ def build_from_builder(builder: dict) -> nn.Module:
     cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
     bb = asdict(cfg.backbone) | {"checkpoint": None, "checkpoint_format": None}
     cfg = from_dict(ExperimentConfig, {**builder["config"], "backbone": bb}, source="checkpoint metadata")
-    return build_detector(cfg, len(builder["classes"]), builder["in_channels"])
+    model = build_detector(cfg, len(builder["classes"]), builder["in_channels"])
+    if builder.get("widths"):  # a width-pruned model (compress.width.with_widths)
+        from blockdrop.compress.width import apply_widths
+
+        apply_widths(model, builder["widths"], stack="backbone.blocks")
+    return model
 
 
 def example_window(cfg: ExperimentConfig, channels: int):

@@ -226,3 +226,61 @@ def prune_to_macs(backbone: nn.Module, target_macs: int, example_input, *, impor
                              f"(more than {tolerance:.1%} off); try a smaller round_to")
     return replace(result, target_macs=int(target_macs), macs=macs)
 
+
+
+# ---- saving and loading width-pruned models -------------------------------------------------------
+
+def block_widths(model: nn.Module, stack: str | None = None) -> dict:
+    """Heads and MLP hidden channels of every current block, keyed by ORIGINAL block index (str,
+    as JSON keys are): {"heads": {"0": 3, ...}, "mlp_hidden": {"0": 192, ...}}."""
+    from blockdrop.compress.stack import find_block_stack
+
+    found = find_block_stack(model, stack)
+    heads, hidden = {}, {}
+    for original, block in zip(found.original_indices, found.modules):
+        if not isinstance(getattr(block, "attn", None), Attention) or not isinstance(getattr(block, "mlp", None), Mlp):
+            raise BlockdropError(f"block {original} at {found.path!r} is not a blockdrop ViT block (attn + mlp)")
+        heads[str(original)], hidden[str(original)] = block.attn.heads, block.mlp.fc1.out_features
+    return {"heads": heads, "mlp_hidden": hidden}
+
+
+def with_widths(builder: dict, model: nn.Module, stack: str | None = None) -> dict:
+    """``builder`` plus ``model``'s per-block widths, for `save_compressed` of a width-pruned model:
+    the loader builds the full architecture, `apply_widths` narrows it, then the weights load strictly."""
+    return {**builder, "widths": block_widths(model, stack)}
+
+
+def _narrow_block(block: nn.Module, heads: int, hidden: int) -> None:
+    attn, mlp = block.attn, block.mlp
+    width = attn.qkv.in_features
+    if heads != attn.heads:
+        inner = heads * attn.head_dim  # heads keep their size: whole heads were removed
+        attn.qkv = nn.Linear(width, 3 * inner, bias=attn.qkv.bias is not None)
+        attn.proj = nn.Linear(inner, width, bias=attn.proj.bias is not None)
+        if attn.q_bias is not None:
+            attn.q_bias, attn.v_bias = nn.Parameter(torch.zeros(inner)), nn.Parameter(torch.zeros(inner))
+        attn.heads = heads
+    if hidden != mlp.fc1.out_features:
+        mlp.fc1 = nn.Linear(width, hidden, bias=mlp.fc1.bias is not None)
+        mlp.fc2 = nn.Linear(hidden, width, bias=mlp.fc2.bias is not None)
+
+
+def apply_widths(model: nn.Module, widths: dict, stack: str | None = None) -> None:
+    """Give the blocks of a freshly built (unpruned, full-depth) model the widths recorded by
+    `block_widths`; the new layers are placeholders until the checkpoint's weights load."""
+    from blockdrop.compress.stack import find_block_stack
+
+    found = find_block_stack(model, stack)
+    by_original = dict(zip(found.original_indices, found.modules))
+    for key, heads in widths.get("heads", {}).items():
+        index = int(key)
+        if index not in by_original:
+            raise BlockdropError(f"widths name block {index}, but the model has blocks {sorted(by_original)}")
+        block = by_original[index]
+        if not 1 <= heads <= block.attn.heads:
+            raise BlockdropError(f"widths: block {index} has {heads} heads recorded, the architecture {block.attn.heads}")
+        hidden = int(widths.get("mlp_hidden", {}).get(key, block.mlp.fc1.out_features))
+        if not 1 <= hidden <= block.mlp.fc1.out_features:
+            raise BlockdropError(f"widths: block {index} has {hidden} MLP channels recorded, "
+                                 f"the architecture {block.mlp.fc1.out_features}")
+        _narrow_block(block, int(heads), hidden)
