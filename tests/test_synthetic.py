@@ -111,3 +111,21 @@ def test_spec_none_means_default_and_bad_values_name_the_field():
         SyntheticSpec(size=63)
     with pytest.raises(ConfigError, match="'classes'"):
         SyntheticSpec(classes=("slide", "jump"))
+    with pytest.raises(ConfigError, match="'object_size'"):
+        SyntheticSpec(object_size=(0.2, 0.1))
+    with pytest.raises(ConfigError, match="'grain'"):
+        SyntheticSpec(grain=-0.1)
+
+
+def test_object_size_and_grain_change_only_the_pixels(tmp_path):
+    """The look knobs keep the same schedule (annotations) and change what is drawn."""
+    spec = replace(TINY, num_videos=1)
+    plain = render_synthetic(tmp_path / "a", spec).out
+    big = render_synthetic(tmp_path / "b", replace(spec, object_size=(0.2, 0.25), grain=0.0)).out
+    assert (plain / "annotations.json").read_text() == (big / "annotations.json").read_text()
+    a = decode_video(plain / "videos" / "synthetic_0000.mp4")
+    b = decode_video(big / "videos" / "synthetic_0000.mp4")
+    # bigger objects on a grain-free background: more pixels differ from the frame's median colour
+    def busy(frames):
+        return float((np.abs(frames.astype(np.int16) - np.median(frames, axis=(1, 2), keepdims=True)) > 40).mean())
+    assert a.shape == b.shape and busy(b) > 1.5 * busy(a)

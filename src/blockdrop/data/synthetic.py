@@ -48,6 +48,8 @@ class SyntheticSpec:
     bursts_per_minute: float = 4.0  # per distractor: brief action-like twitches (hard negatives)
     fade: tuple[float, float] = (0.3, 1.2)  # seconds over which an action ramps in / out
     noise: float = 0.03  # per-pixel sensor noise std (intensity 0..1)
+    object_size: tuple[float, float] = (0.06, 0.1)  # object radius range, fraction of the frame side
+    grain: float = 0.08  # amplitude of the fixed fine background texture (intensity 0..1)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -76,6 +78,10 @@ class SyntheticSpec:
             raise bad("classes", f"expected distinct names from {CLASSES}")
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
             raise bad("split", "expected three non-negative train/val/test fractions")
+        if not 0 < self.object_size[0] <= self.object_size[1] <= 0.25:
+            raise bad("object_size", "expected 0 < min <= max <= 0.25 (radius as a fraction of the frame)")
+        if not 0 <= self.grain <= 0.25:
+            raise bad("grain", "expected 0..0.25")
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ def _make_track(rng, spec: SyntheticSpec, t: np.ndarray, actions: list[tuple[str
 
     ``reach`` (fraction of the frame) is how far its actions may carry it from its resting place.
     """
-    size, radius = spec.size, rng.uniform(0.06, 0.1) * spec.size
+    size, radius = spec.size, rng.uniform(*spec.object_size) * spec.size
     # A spinning disc or square barely changes; bars also appear on other objects, so a bar is no giveaway.
     shapes = ["bar"] if any(kind == "rotate" for kind, _, _ in actions) else ["disc", "square", "bar"]
     margin = (wander + reach) * size  # keeps drift plus the widest action inside the frame
@@ -276,9 +282,9 @@ class _Background:
     flicker: tuple[float, float]
 
     @classmethod
-    def random(cls, rng: np.random.Generator, size: int) -> _Background:
+    def random(cls, rng: np.random.Generator, size: int, grain: float = 0.08) -> _Background:
         return cls(first=_texture(rng, size, 6), second=_texture(rng, size, 6),
-                   grain=rng.uniform(-0.08, 0.08, (size, size, 1)).astype(np.float32),
+                   grain=rng.uniform(-grain, grain, (size, size, 1)).astype(np.float32),
                    morph=(rng.uniform(15, 40), rng.uniform(0, 2 * np.pi)),
                    flicker=(rng.uniform(5, 15), rng.uniform(0, 2 * np.pi)))
 
@@ -327,7 +333,7 @@ def render_video(rng: np.random.Generator, spec: SyntheticSpec, num_frames: int)
     """One video: frames (T, S, S, 3) uint8 and its annotations (seconds)."""
     t = np.arange(num_frames) / spec.fps
     tracks, annotations = _plan_video(rng, spec, num_frames / spec.fps, t)
-    background = _Background.random(rng, spec.size)
+    background = _Background.random(rng, spec.size, spec.grain)
     video = np.empty((num_frames, spec.size, spec.size, 3), np.uint8)
     for begin in range(0, num_frames, _CHUNK):
         rows = slice(begin, min(begin + _CHUNK, num_frames))
