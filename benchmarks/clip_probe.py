@@ -15,9 +15,11 @@ channel order and horizontal flip, which keep every synthetic class valid).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-clips", type=int, default=256)
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="also write benchmarks/results/<name>.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return classifier(backbone(x).mean(-1))  # (B, C, T) -> mean over time -> classes
 
     print(f"{'step':>6} {'train loss':>10} {'val acc':>8} {'majority':>8} {'time s':>7}")
-    start, best = time.perf_counter(), 0.0
+    start, best, rows = time.perf_counter(), 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
             backbone.eval()
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             best = max(best, acc)
             loss_text = f"{loss.item():10.3f}" if step else f"{'-':>10}"
             print(f"{step:6d} {loss_text} {acc:8.3f} {majority:8.3f} {time.perf_counter() - start:7.0f}", flush=True)
+            rows.append({"step": step, "train_loss": loss.item() if step else None, "val_accuracy": acc,
+                         "time_s": round(time.perf_counter() - start, 1)})
         if step == args.steps:
             break
         backbone.train()
@@ -116,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
+    command = f"python {shlex.join(sys.argv)}"
+    if args.name:
+        from blockdrop.fileio import atomic_write_text
+
+        record = {"name": args.name, "majority": majority, "best_val_accuracy": best, "steps": args.steps,
+                  "rows": rows, "wall_time_s": round(time.perf_counter() - start, 1), "command": command}
+        atomic_write_text(Path(__file__).parent / "results" / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     print(f"summary: best validation clip accuracy {best:.3f} vs majority {majority:.3f} after {args.steps} steps "
-          f"({time.perf_counter() - start:.0f} s); command: python {shlex.join(sys.argv)}")
+          f"({time.perf_counter() - start:.0f} s); command: {command}")
     return 0
 
 
