@@ -26,6 +26,7 @@ import torch
 
 from blockdrop.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              load_average, measure_interleaved, model_cost)
+from blockdrop.fileio import atomic_write_text
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit
 
 RESULTS = Path(__file__).parent / "results"
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
               "summary": line,
               "variants": [{k: r[k] for k in (*KEYS, "mlp_pruned", "head_pruned") if k in r} for r in rows]}
     json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     plot(rows, png_path, title)
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from torch import nn
 
 from blockdrop.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              measure_interleaved, model_cost)
+from blockdrop.fileio import atomic_write_text
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit, vit_sizes
 
 RESULTS = Path(__file__).parent / "results"
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                         "autocast": "bf16/fp16 rows run under torch.autocast('cuda'); weights fp32"},
               "variants": [{k: r[k] for k in ("size", "dtype", *KEYS) if k in r} for r in rows]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -25,6 +25,7 @@ import torch
 from blockdrop.cli import resolve_config_path
 from blockdrop.config import load_config
 from blockdrop.experiment import ExperimentConfig
+from blockdrop.fileio import atomic_write_text
 from blockdrop.measure import measure_latency
 from blockdrop.recipes import MODEL_FILE, compress_experiment, evaluate_checkpoint, load_detector, train_experiment
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             done[name] = run_scratch(spec, teacher_cfg, out, args.blocks, cfg.compress.train.epochs)
         elif name == "selection_cost":
             done[name] = selection_cost(cfg, args.teacher)
-            (out / "selection_cost.json").write_text(json.dumps(done[name], indent=2))
+            atomic_write_text(out / "selection_cost.json", json.dumps(done[name], indent=2))
         else:
             parser.error(f"--only: unknown variant {name!r}")
         print(f"{name}: finished in {time.perf_counter() - start:.0f} s")
@@ -190,7 +191,7 @@ def report(args, cfg: ExperimentConfig, out: Path, done: dict) -> None:
               "device": f"CPU ({platform.machine()}), latency with {cfg.compress.latency_threads} threads",
               "command": "python benchmarks/pbd.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     print(format_report(record))
 
 

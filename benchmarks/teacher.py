@@ -24,6 +24,7 @@ from blockdrop.build import example_window, input_channels, load_experiment_anno
 from blockdrop.cli import resolve_config_path
 from blockdrop.config import load_config
 from blockdrop.experiment import ExperimentConfig
+from blockdrop.fileio import atomic_write_text
 from blockdrop.measure import count_macs, count_params
 from blockdrop.recipes import MODEL_FILE, evaluate_checkpoint, load_detector, train_experiment
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/teacher.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     keys = [k for k in record if k.startswith("mAP@")] + ["average_mAP"]
     print("| " + " | ".join(["model", "blocks", "GMACs"] + keys) + " |")
     print("|" + "---|" * (3 + len(keys)))
