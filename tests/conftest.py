@@ -32,21 +32,24 @@ def import_transformers():
     return pytest.importorskip("transformers")
 
 
-def make_sequence_dataset(root: Path, videos: int = 8, rate: float = 10.0) -> None:
-    """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment."""
+def make_sequence_dataset(root: Path, videos: int = 8, rate: float = 10.0, *, length: int = 200,
+                          starts=(20, 110), durations=(20, 50), subsets=None) -> None:
+    """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment.
+
+    One segment starts at each of ``starts`` with a length drawn from ``durations`` (steps).
+    ``subsets``: the subset of each video (default: 5 train, 2 val, the rest test)."""
     rng = np.random.default_rng(0)
     (root / "sequences").mkdir(parents=True)
     database = {}
     for i in range(videos):
-        length = 200
         x = rng.normal(0, 0.1, size=(length, 3)).astype(np.float32)
         segments = []
-        for start in (20, 110):
-            k, dur = int(rng.integers(0, 3)), int(rng.integers(20, 50))
+        for start in starts:
+            k, dur = int(rng.integers(0, 3)), int(rng.integers(*durations))
             x[start:start + dur, k] += k + 1
             segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
         np.save(root / "sequences" / f"v{i}.npy", x)
-        subset = "train" if i < 5 else ("val" if i < 7 else "test")
+        subset = subsets[i] if subsets is not None else ("train" if i < 5 else ("val" if i < 7 else "test"))
         database[f"v{i}"] = {"subset": subset, "duration": length / rate, "fps": rate, "annotations": segments}
     (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
 

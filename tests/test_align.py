@@ -6,9 +6,7 @@ that the right original-index pairing gives exactly zero while a positional one 
 """
 
 import copy
-import json
 
-import numpy as np
 import peft  # noqa: F401  (imported at collection: add_lora imports it lazily, which is slow once)
 import pytest
 import torch
@@ -25,6 +23,8 @@ from blockdrop.models import vit
 from blockdrop.models.actionformer import ActionFormerHead
 from blockdrop.models.detector import Detector
 from blockdrop.train import make_loader
+
+from conftest import make_sequence_dataset
 
 torch.set_num_threads(1)
 FEATURE_ONLY = {"feature": 1.0, "cls_kd": 0.0, "reg_kd": 0.0, "gt": 0.0}
@@ -294,31 +294,14 @@ def test_align_refuses_a_student_sharing_weights_with_the_teacher():
     assert not lora_layers(teacher)
 
 
-def write_sequence_dataset(root, videos: int = 6, rate: float = 10.0) -> None:
-    """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment."""
-    rng = np.random.default_rng(0)
-    (root / "sequences").mkdir(parents=True)
-    database = {}
-    for i in range(videos):
-        x = rng.normal(0, 0.1, size=(128, 3)).astype(np.float32)
-        segments = []
-        for start in (10, 70):
-            k, dur = int(rng.integers(0, 3)), int(rng.integers(15, 40))
-            x[start:start + dur, k] += k + 1
-            segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
-        np.save(root / "sequences" / f"v{i}.npy", x)
-        database[f"v{i}"] = {"subset": "train" if i < 4 else "val", "duration": 12.8, "fps": rate,
-                             "annotations": segments}
-    (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
-
-
 def test_align_a_detector_end_to_end(tmp_path):
     from blockdrop import build
     from blockdrop.config import from_dict
     from blockdrop.data.dataset import collate_windows
     from blockdrop.experiment import ExperimentConfig
 
-    write_sequence_dataset(tmp_path / "data")
+    make_sequence_dataset(tmp_path / "data", videos=6, length=128, starts=(10, 70), durations=(15, 40),
+                          subsets=["train"] * 4 + ["val"] * 2)
     cfg = from_dict(ExperimentConfig, {
         "data": {"kind": "sequence", "root": str(tmp_path / "data"), "window": 64, "train_repeats": 2},
         "backbone": {"kind": "sequence", "depth": 3, "width": 16, "heads": 2, "patch": 4, "drop_path": 0.0},

@@ -70,7 +70,8 @@ def test_export_cli_for_a_sequence_detector_with_batch(tmp_path, capsys):
 
 def test_export_errors_name_the_flag_and_keep_existing_files(video_checkpoint, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.pt2")]) == 2
-    assert "--checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing.safetensors" in err and "not found" in err
     out = tmp_path / "keep.pt2"
     out.write_bytes(b"previous export")
     assert main(["export", str(video_checkpoint), "--out", str(out), "--tolerance", "-1"]) == 2

@@ -8,7 +8,6 @@ from scratch through ``run_blocks(skip=k)``.
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +15,8 @@ from torch import nn
 from blockdrop.compress.selection import select_block
 from blockdrop.compress.stack import drop_blocks
 from blockdrop.errors import BlockdropError
+
+from conftest import make_sequence_dataset
 
 torch.set_num_threads(1)
 EVALUATORS = ("map", "loss", "feature_mse", "feature_cosine")
@@ -206,23 +207,6 @@ def test_refusals_name_the_problem():
 
 # ---- a tiny Detector -----------------------------------------------------------------------------
 
-def _sequence_data(root, videos: int = 3, length: int = 160, rate: float = 10.0) -> None:
-    """Class k is a step of +(k+1) on channel k over its segment."""
-    rng = np.random.default_rng(0)
-    (root / "sequences").mkdir(parents=True)
-    database = {}
-    for i in range(videos):
-        x = rng.normal(0, 0.1, size=(length, 3)).astype(np.float32)
-        segments = []
-        for start in (20, 100):
-            k, dur = int(rng.integers(0, 3)), int(rng.integers(20, 40))
-            x[start:start + dur, k] += k + 1
-            segments.append({"segment": [start / rate, (start + dur) / rate], "label": f"c{k}"})
-        np.save(root / "sequences" / f"v{i}.npy", x)
-        database[f"v{i}"] = {"subset": "train", "duration": length / rate, "fps": rate, "annotations": segments}
-    (root / "annotations.json").write_text(json.dumps({"database": database, "classes": ["c0", "c1", "c2"]}))
-
-
 @pytest.fixture(scope="module")
 def detector_setup(tmp_path_factory):
     from blockdrop.build import build_detector, load_experiment_annotations, make_dataset, make_source
@@ -232,7 +216,7 @@ def detector_setup(tmp_path_factory):
     from blockdrop.experiment import ExperimentConfig
 
     root = tmp_path_factory.mktemp("selection") / "data"
-    _sequence_data(root)
+    make_sequence_dataset(root, videos=3, length=160, starts=(20, 100), durations=(20, 40), subsets=["train"] * 3)
     cfg = from_dict(ExperimentConfig, {
         "data": {"kind": "sequence", "root": str(root), "window": 64, "test_stride": 48},
         "backbone": {"kind": "sequence", "depth": 4, "width": 32, "heads": 2, "patch": 4, "drop_path": 0.0},

@@ -128,6 +128,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (repeatable), e.g. --set train.epochs=5")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The run-folder flags shared by the commands that write one (train, compress)."""
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -174,10 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a detector (selection on the validation split)")
     _add_config_args(tr)
-    tr.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output)")
-    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    tr.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_args(tr)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a saved detector on one subset (default: test)")
@@ -192,10 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(co)
     co.add_argument("--teacher", type=Path, default=None, help="the teacher's model.safetensors "
                     "(default: the config's compress.teacher)")
-    co.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output)")
-    co.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    co.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
-    co.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_run_args(co)
     co.set_defaults(func=cmd_compress)
 
     rp = sub.add_parser("report", help="write report.md (+ report.png) for a compress run folder")

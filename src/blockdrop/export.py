@@ -121,7 +121,7 @@ def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2"
         raise BlockdropError(f"--batch must be at least 1, got {batch}")
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
-        raise BlockdropError(f"--checkpoint {checkpoint}: file not found")
+        raise BlockdropError(f"checkpoint {checkpoint}: file not found (a model.safetensors from train or compress)")
     model, builder = load_detector(checkpoint)
     raw = RawDetector(model.float().eval()).eval()
     inputs, mask, cfg = _check_window(builder, batch)

@@ -218,7 +218,8 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     log = print if progress else (lambda _msg: None)
     history = progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
                                      log=log)
-    from blockdrop.report import write_report
+    if dist.is_main():
+        from blockdrop.report import write_report
 
-    log(f"report: {', '.join(str(p) for p in write_report(out))}")
+        log(f"report: {', '.join(str(p) for p in write_report(out))}")
     return history

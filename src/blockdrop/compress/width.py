@@ -272,15 +272,17 @@ def apply_widths(model: nn.Module, widths: dict, stack: str | None = None) -> No
 
     found = find_block_stack(model, stack)
     by_original = dict(zip(found.original_indices, found.modules))
-    for key, heads in widths.get("heads", {}).items():
+    heads_of, hidden_of = widths.get("heads", {}), widths.get("mlp_hidden", {})
+    for key in sorted(set(heads_of) | set(hidden_of), key=int):
         index = int(key)
         if index not in by_original:
             raise BlockdropError(f"widths name block {index}, but the model has blocks {sorted(by_original)}")
         block = by_original[index]
+        heads = int(heads_of.get(key, block.attn.heads))
         if not 1 <= heads <= block.attn.heads:
             raise BlockdropError(f"widths: block {index} has {heads} heads recorded, the architecture {block.attn.heads}")
-        hidden = int(widths.get("mlp_hidden", {}).get(key, block.mlp.fc1.out_features))
+        hidden = int(hidden_of.get(key, block.mlp.fc1.out_features))
         if not 1 <= hidden <= block.mlp.fc1.out_features:
             raise BlockdropError(f"widths: block {index} has {hidden} MLP channels recorded, "
                                  f"the architecture {block.mlp.fc1.out_features}")
-        _narrow_block(block, int(heads), hidden)
+        _narrow_block(block, heads, hidden)
