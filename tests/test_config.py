@@ -4,7 +4,7 @@ import pytest
 
 from blockdrop.config import apply_overrides, from_dict, load_config, save_config, to_dict
 from blockdrop.errors import ConfigError
-from blockdrop.experiment import ExperimentConfig
+from blockdrop.experiment import BackboneConfig, ExperimentConfig
 
 MINIMAL = {
     "data": {"kind": "sequence", "root": "data/hapt", "window": 256},
@@ -69,3 +69,12 @@ def test_configs_are_frozen():
     cfg = from_dict(ExperimentConfig, MINIMAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_video_input_options_are_videomae_only():
+    base = {"kind": "videomae", "depth": 2, "width": 32, "heads": 2}
+    assert BackboneConfig(**base, input="rgb_diff", spatial_pool="max").spatial_pool == "max"
+    with pytest.raises(ValueError, match="'input'"):
+        BackboneConfig(kind="sequence", depth=2, width=32, heads=2, input="rgb_diff")
+    with pytest.raises(ValueError, match="'spatial_pool'"):
+        BackboneConfig(kind="dinov2", size="S", spatial_pool="max")

@@ -187,3 +187,40 @@ def test_named_sizes_and_overrides():
         videomae_vit("XL")
     with pytest.raises(ConfigError, match="divisible"):
         sequence_vit(6, patch=4, depth=1, width=10, heads=3)
+
+
+def test_rgb_diff_input_sees_changes_only_and_crosses_clip_boundaries():
+    vit = videomae_vit(img_size=32, num_frames=4, pos_img_size=32, **TINY).eval()
+    diff = ClipVideoBackbone(vit, clip_len=4, input_mode="rgb_diff").eval()
+    rgb = ClipVideoBackbone(vit, clip_len=4).eval()
+    frames = torch.randint(20, 230, (1, 8, 32, 32, 3), dtype=torch.uint8)
+    brighter = frames + 10  # the same motion on a brighter scene: no difference changes
+    later = frames.clone()
+    later[:, 3] = 255 - later[:, 3]  # last frame of clip 0 changes
+    with torch.no_grad():
+        assert torch.allclose(diff(brighter), diff(frames), atol=1e-5)
+        assert not torch.allclose(rgb(brighter), rgb(frames), atol=1e-3)
+        changed = (diff(later) - diff(frames)).abs().amax(dim=(0, 1))  # per feature step
+        changed_rgb = (rgb(later) - rgb(frames)).abs().amax(dim=(0, 1))
+        x = (frames.permute(0, 4, 1, 2, 3).float() - rgb.pixel_mean) / rgb.pixel_std
+        manual = torch.cat([torch.zeros_like(x[:, :, :1]), x.diff(dim=2)], dim=2)
+        expected = torch.cat([vit(manual[:, :, :4]), vit(manual[:, :, 4:])], dim=2)
+        assert torch.allclose(diff(frames), expected, atol=1e-5)
+    # frame 3 ends clip 0 (steps 0-1); in rgb_diff it also enters frame 4's difference, in clip 1
+    assert changed_rgb[:2].min() > 1e-3 and changed_rgb[2:].max() == 0
+    assert changed.min() > 1e-3
+    with pytest.raises(ConfigError, match="input_mode"):
+        ClipVideoBackbone(vit, clip_len=4, input_mode="flow")
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_tubelet_spatial_pool(pool):
+    vit = videomae_vit(img_size=32, num_frames=4, pos_img_size=32, spatial_pool=pool, **TINY).eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        tokens, ctx = vit.embed(x)
+        for block in vit.blocks:
+            tokens = block(tokens)
+        grid = tokens.unflatten(1, (2, 4))  # (B, t, h*w, C)
+        expected = (grid.amax(2) if pool == "max" else grid.mean(2)).transpose(1, 2)
+        assert torch.allclose(vit(x), expected, atol=1e-6)

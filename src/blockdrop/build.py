@@ -108,8 +108,9 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
         pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
         model = vit.ClipVideoBackbone(
             vit.videomae_vit(bb.size or "S", img_size=data.frame_size, num_frames=bb.clip_len, patch=bb.patch,
-                             tubelet=bb.tubelet, pos_img_size=pos, drop_path_rate=bb.drop_path, **dims),
-            clip_len=bb.clip_len)
+                             tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
+                             drop_path_rate=bb.drop_path, **dims),
+            clip_len=bb.clip_len, input_mode=bb.input)
     else:
         model = vit.ClipVideoBackbone(
             vit.dinov2_vit(bb.size or "S", bb.patch, img_size=data.frame_size, drop_path_rate=bb.drop_path, **dims),

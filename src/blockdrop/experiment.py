@@ -72,8 +72,16 @@ class BackboneConfig:
     checkpoint: str | None = None  # pretrained backbone weights (local path only)
     checkpoint_format: Literal["hf_videomae", "mmaction", "hf_dinov2", "onnx_dinov2"] | None = None
     grad_checkpointing: bool = False
+    # videomae only: "rgb" (VideoMAE) or "rgb_diff", the difference of consecutive normalised frames
+    # (TSN's RGB-difference modality); see docs/models.md
+    input: Literal["rgb", "rgb_diff"] = "rgb"
+    spatial_pool: Literal["mean", "max"] = "mean"  # videomae only: tokens -> one feature per tubelet step
 
     def __post_init__(self) -> None:
+        if self.kind != "videomae":
+            for name, default in (("input", "rgb"), ("spatial_pool", "mean")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"'{name}': {getattr(self, name)!r} is for kind videomae only")
         if self.size is None and None in (self.depth, self.width, self.heads):
             raise ValueError("give 'size' or all of 'depth', 'width', 'heads'")
         for name in ("depth", "width", "heads", "patch", "tubelet", "clip_len"):

@@ -41,8 +41,11 @@ class TubeletEmbed(nn.Module):
     """
 
     def __init__(self, width: int, patch: int = 16, tubelet: int = 2, pos_grid=(14, 14),
-                 num_frames: int = 16, in_channels: int = 3):
+                 num_frames: int = 16, in_channels: int = 3, pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "max"):
+            raise ValueError(f"TubeletEmbed pool must be 'mean' or 'max', got {pool!r}")
+        self.pool_kind = pool
         self.proj = nn.Conv3d(in_channels, width, kernel_size=(tubelet, patch, patch),
                               stride=(tubelet, patch, patch))
         self.width, self.patch, self.tubelet = width, patch, tubelet
@@ -68,8 +71,10 @@ class TubeletEmbed(nn.Module):
 
     def pool(self, tokens: torch.Tensor, ctx) -> torch.Tensor:
         t, h, w = ctx
-        # mean over space, one feature per tubelet step: (B, N, C) -> (B, C, t)
-        return tokens.unflatten(1, (t, h * w)).mean(2).transpose(1, 2)
+        # mean (VideoMAE) or max over space, one feature per tubelet step: (B, N, C) -> (B, C, t)
+        grid = tokens.unflatten(1, (t, h * w))
+        pooled = grid.amax(2) if self.pool_kind == "max" else grid.mean(2)
+        return pooled.transpose(1, 2)
 
 
 class FramePatchEmbed(nn.Module):

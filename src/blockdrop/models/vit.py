@@ -196,6 +196,9 @@ class ClipVideoBackbone(nn.Module):
 
     Input: (B, T, H, W, 3) uint8 frames as decoded (normalised here with the VideoMAE pixel
     mean/std) or (B, 3, T, H, W) float, already normalised. T must be a multiple of `clip_len`.
+    `input_mode` "rgb_diff" feeds the ViT the difference of consecutive normalised frames instead
+    (TSN's RGB difference), taken over the whole window before it is cut into clips; the
+    window's first frame gets a zero difference.
     The T / clip_len clips are folded into the batch, so `embed`, `blocks` and `pool` keep the
     backbone contract. Output (B, C, T / vit.feature_stride), or resampled linearly to one step
     per `feature_stride` input frames when that is given (OpenTAD: 768 frames -> 768 steps).
@@ -203,8 +206,12 @@ class ClipVideoBackbone(nn.Module):
     """
 
     def __init__(self, vit: VisionTransformer, clip_len: int = 16, feature_stride: float | None = None,
-                 chunk_clips: int | None = None, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD):
+                 chunk_clips: int | None = None, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
+                 input_mode: str = "rgb"):
         super().__init__()
+        if input_mode not in ("rgb", "rgb_diff"):
+            raise ConfigError(f"input_mode must be 'rgb' or 'rgb_diff', got {input_mode!r}")
+        self.input_mode = input_mode
         self.vit, self.clip_len, self.chunk_clips = vit, clip_len, chunk_clips
         self._feature_stride = feature_stride
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1, 1), persistent=False)
@@ -238,6 +245,8 @@ class ClipVideoBackbone(nn.Module):
 
     def embed(self, x: torch.Tensor):
         x = self.normalize(x)
+        if self.input_mode == "rgb_diff":
+            x = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
         batch, frames = x.shape[0], x.shape[2]
         if frames % self.clip_len:
             raise ValueError(f"window of {frames} frames is not a multiple of clip_len {self.clip_len}")
@@ -296,7 +305,7 @@ def _grid(img_size, patch: int) -> tuple[int, int]:
 
 
 def videomae_vit(size: str = "S", img_size=160, num_frames: int = 16, *, patch: int = 16,
-                 tubelet: int = 2, pos_img_size=224, final_norm: str = "none",
+                 tubelet: int = 2, pos_img_size=224, final_norm: str = "none", spatial_pool: str = "mean",
                  **overrides) -> VisionTransformer:
     """VideoMAE ViT: q/v biases, LayerNorm eps 1e-6, sin-cos positions defined at `pos_img_size`.
 
@@ -304,7 +313,7 @@ def videomae_vit(size: str = "S", img_size=160, num_frames: int = 16, *, patch: 
     positions adapt to any input. final_norm "none" matches OpenTAD's feature path.
     """
     depth, width, heads = _size(size, overrides)
-    tokenizer = TubeletEmbed(width, patch, tubelet, _grid(pos_img_size, patch), num_frames)
+    tokenizer = TubeletEmbed(width, patch, tubelet, _grid(pos_img_size, patch), num_frames, pool=spatial_pool)
     return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, qkv_bias="qv",
                              final_norm=final_norm, input_size=(num_frames, *_hw(img_size)), **overrides)
 
