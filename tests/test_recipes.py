@@ -127,3 +127,18 @@ def test_train_under_torchrun_with_two_gloo_processes(tmp_path):
     assert main(["eval", str(config), "--checkpoint", str(out / "model.safetensors"),
                  "--json", str(tmp_path / "m.json")]) == 0
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["average_mAP"] <= 100
+
+
+def test_missing_data_names_how_to_obtain_it_and_touches_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--set", f"data.root={tmp_path / 'absent'}", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "absent/annotations.json" in err[0]
+    assert "to obtain it: blockdrop data synthetic --out data/synthetic480 --videos 480" in err[0]
+    assert not out.exists()  # a failed start leaves nothing that blocks the next try
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"earlier run")
+    assert main(["train", "synthetic", "--set", f"data.root={tmp_path / 'absent'}", "--out", str(out),
+                 "--overwrite", "--quiet"]) == 2
+    assert (out / "model.safetensors").read_bytes() == b"earlier run"  # --overwrite did not wipe it

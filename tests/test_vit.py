@@ -224,3 +224,5 @@ def test_tubelet_spatial_pool(pool):
         grid = tokens.unflatten(1, (2, 4))  # (B, t, h*w, C)
         expected = (grid.amax(2) if pool == "max" else grid.mean(2)).transpose(1, 2)
         assert torch.allclose(vit(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="'mean' or 'max'"):
+        videomae_vit(img_size=32, num_frames=4, spatial_pool="sum", **TINY)

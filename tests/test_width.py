@@ -261,6 +261,8 @@ def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_origina
     loaded, meta = load_detector(tmp_path / "w.safetensors")
     assert meta["widths"]["heads"] == {"0": 2, "2": 2} and meta["widths"]["mlp_hidden"] == {"0": 128, "2": 128}
     assert [b.attn.heads for b in loaded.backbone.blocks] == [2, 2]
+    # the shipped synthetic config's input and pooling survive the round trip
+    assert loaded.backbone.input_mode == "rgb_diff" and loaded.backbone.vit.tokenizer.pool_kind == "max"
     mask = torch.ones(1, 32, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(frames, mask).head.cls_logits, model(frames, mask).head.cls_logits,

@@ -21,7 +21,8 @@ from blockdrop.experiment import BackboneConfig, DataConfig, ExperimentConfig, H
 def load_experiment_annotations(data: DataConfig) -> Annotations:
     path = Path(data.root) / data.annotations
     if not path.exists():
-        raise DataError(f"{path}: annotation file not found (data.root / data.annotations)")
+        hint = f"; to obtain it: {data.obtain}" if data.obtain else ""
+        raise DataError(f"{path}: annotation file not found (data.root / data.annotations){hint}")
     return load_annotations(path, preset=data.preset)
 
 

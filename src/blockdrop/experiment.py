@@ -41,6 +41,7 @@ class DataConfig:
     cache_dir: str | None = None  # video: where decoded frames are cached as .npy
     augment: tuple[str, ...] = ()  # video training windows: "hflip", "channel_shuffle" (see data/dataset.py)
     num_workers: int = 0
+    obtain: str | None = None  # how to get the data when root is missing (shown in the error)
 
     def __post_init__(self) -> None:
         _positive("window", self.window)

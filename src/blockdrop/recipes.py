@@ -70,6 +70,7 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
 
     out = Path(out or cfg.output)
     device = dist.init_from_env()  # first: rank is only known once the process group is up
+    annotations = load_experiment_annotations(cfg.data)  # before the output folder is touched
     if dist.is_main():
         _prepare_output(out, resume, overwrite)
         save_config(cfg, out / "config.yaml")
@@ -77,7 +78,6 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
     channels = input_channels(cfg.data, annotations, source)
     model = build_detector(cfg, len(annotations.classes), channels).to(device)
@@ -187,6 +187,7 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
         raise ConfigError(f"--teacher {teacher_path}: no such file (give the model.safetensors of a trained "
                           "teacher, from `blockdrop train`)")
     out = Path(out or cfg.output)
+    annotations = load_experiment_annotations(cfg.data)  # before the output folder is touched
     _prepare_output(out, resume, overwrite)
     save_config(cfg, out / "config.yaml")
     if cfg.compress.train.threads or cfg.train.threads:
@@ -194,7 +195,6 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     seed_everything(cfg.compress.train.seed)
     teacher_model, builder = load_detector(teacher_path)
     teacher_model.eval().requires_grad_(False)
-    annotations = load_experiment_annotations(cfg.data)
     if list(annotations.classes) != list(builder["classes"]):
         raise ConfigError(f"--teacher {teacher_path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
     source = make_source(cfg.data, annotations)
