@@ -10,7 +10,8 @@ import torch
 
 from blockdrop.build import build_detector, detector_builder
 from blockdrop.cli import main, resolve_config_path
-from blockdrop.compress.stack import drop_blocks, save_compressed
+from blockdrop.compress.saving import save_compressed
+from blockdrop.compress.stack import drop_blocks
 from blockdrop.config import load_config
 from blockdrop.experiment import ExperimentConfig
 from blockdrop.export import export_detector

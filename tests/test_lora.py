@@ -13,7 +13,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from blockdrop.compress.lora import add_lora, lora_layers, merge_lora
-from blockdrop.compress.stack import drop_blocks, kept_blocks, load_compressed, save_compressed
+from blockdrop.compress.saving import load_compressed, save_compressed
+from blockdrop.compress.stack import drop_blocks, kept_blocks
 from blockdrop.compress.target import DetectorTarget, run_blocks
 from blockdrop.errors import BlockdropError
 from blockdrop.models import vit

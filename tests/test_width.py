@@ -241,7 +241,8 @@ def test_bench_width_points_match_the_depth_points(capsys):
 def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_original(tmp_path):
     from blockdrop.build import build_detector, detector_builder
     from blockdrop.cli import resolve_config_path
-    from blockdrop.compress.stack import drop_blocks, save_compressed
+    from blockdrop.compress.saving import save_compressed
+    from blockdrop.compress.stack import drop_blocks
     from blockdrop.compress.width import prune_width, with_widths
     from blockdrop.config import load_config
     from blockdrop.errors import CheckpointError

@@ -66,7 +66,7 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
 def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, resume: bool = False,
                      overwrite: bool = False, progress: bool = True) -> dict:
     """Train a detector from ``cfg``; select the best epoch on the validation split."""
-    from blockdrop.compress.stack import save_compressed
+    from blockdrop.compress.saving import save_compressed
 
     out = Path(out or cfg.output)
     device = dist.init_from_env()  # first: rank is only known once the process group is up
@@ -109,7 +109,7 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
 
 def load_detector(path: str | Path):
     """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed)."""
-    from blockdrop.compress.stack import load_compressed, read_compressed_metadata
+    from blockdrop.compress.saving import load_compressed, read_compressed_metadata
 
     model = load_compressed(path, build_from_builder)
     return model, read_compressed_metadata(path).builder

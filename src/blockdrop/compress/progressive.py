@@ -23,7 +23,8 @@ from typing import Callable
 
 from torch import nn
 
-from blockdrop.compress.stack import drop_blocks, kept_blocks, save_compressed
+from blockdrop.compress.saving import save_compressed
+from blockdrop.compress.stack import drop_blocks, kept_blocks
 from blockdrop.fileio import atomic_path, atomic_write_text
 from blockdrop.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""The stack of residual blocks: find it, drop blocks physically, save and load the result.
+"""The stack of residual blocks: find it and drop blocks physically (saving: compress/saving.py).
 
 A *block stack* is the nn.ModuleList (or nn.Sequential) holding a model's residual blocks:
 `blocks` in our ViT and timm, `encoder.layer` in transformers' BERT / ViT / VideoMAE / DINOv2,
@@ -12,19 +12,16 @@ Two kinds of index (see docs/compression.md, "Block stacks"):
 Dropping builds a new container without the dropped blocks, so their parameters leave the model,
 and records the original index of every remaining block as a plain attribute on that container.
 The map thus travels with the stack through deepcopy, pickling and peft wrapping, and
-`save_compressed` writes it into the safetensors metadata so `load_compressed` can rebuild the
-compressed model from the uncompressed architecture without the original model object.
+`blockdrop.compress.saving` writes it into the safetensors metadata so a compressed model can be
+rebuilt from the uncompressed architecture without the original model object.
 """
 
-import json
 import operator
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
-from blockdrop.errors import BlockdropError, CheckpointError
-from blockdrop.fileio import atomic_path
+from blockdrop.errors import BlockdropError
 
 # Paths tried by auto-detection: a ModuleList/Sequential whose dotted path is one of these or ends
 # with "." + one of these. Every match is a candidate; more than one is an error, never a guess.
@@ -32,9 +29,6 @@ STACK_PATTERNS = ("blocks", "encoder.layer", "model.layers", "layers", "transfor
 _KEPT = "_blockdrop_kept"  # on the container: tuple of original indices, one per current block
 _ORIGINAL_DEPTH = "_blockdrop_original_depth"  # on the container: depth of the uncompressed stack
 _DEPTH_ATTRS = ("depth", "num_layers")  # plain int attributes of the stack's ancestors (timm style)
-FORMAT_VERSION = "1"
-_META = {"format": "blockdrop.format", "path": "blockdrop.stack_path", "kept": "blockdrop.kept_blocks",
-         "depth": "blockdrop.original_depth", "builder": "blockdrop.builder", "aliases": "blockdrop.aliases"}
 _SHOWN = 20
 
 
@@ -73,21 +67,10 @@ class DropResult:
         return self.params_before - self.params_after
 
 
-@dataclass(frozen=True)
-class CompressedMetadata:
-    """The blockdrop metadata of a compressed safetensors checkpoint."""
-
-    stack_path: str
-    kept_blocks: list[int]
-    original_depth: int
-    builder: dict
-    aliases: dict  # tied tensor name -> the name it was saved under
-    format_version: str
-
-
 # ---- finding the stack ---------------------------------------------------------------------------
 
-def _listing(items) -> str:
+def listing(items) -> str:
+    """At most _SHOWN items, comma-separated, with a count of the rest."""
     items = list(items)
     return ", ".join(items[:_SHOWN]) + (f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
@@ -107,11 +90,11 @@ def _detect_path(model: nn.Module) -> str:
         return found[0]
     model_name = type(model).__name__
     if found:
-        raise BlockdropError(f"several block stacks found in {model_name}: {_listing(found)}; "
+        raise BlockdropError(f"several block stacks found in {model_name}: {listing(found)}; "
                              f"pass the one to compress as path=...")
     lists = [f"{name} ({len(m)})" for name, m in containers if len(m) > 1]
     raise BlockdropError(f"no block stack found in {model_name} (looked for {', '.join(STACK_PATTERNS)}); "
-                         f"its module lists: {_listing(lists) or 'none'}; pass one as path=...")
+                         f"its module lists: {listing(lists) or 'none'}; pass one as path=...")
 
 
 def _resolve_path(model: nn.Module, path: str) -> str:
@@ -154,7 +137,8 @@ def find_block_stack(model: nn.Module, path: str | None = None) -> BlockStack:
     return BlockStack(path, parent, attr, modules, original, original_depth)
 
 
-def _stack(model: nn.Module, stack: "BlockStack | str | None") -> BlockStack:
+def current_stack(model: nn.Module, stack: "BlockStack | str | None") -> BlockStack:
+    """The stack as it is now: a BlockStack snapshot or a path is looked up again, None detected."""
     if isinstance(stack, BlockStack):
         stack = stack.path  # re-resolve: a snapshot taken before an earlier drop would be stale
     return find_block_stack(model, stack)
@@ -162,7 +146,7 @@ def _stack(model: nn.Module, stack: "BlockStack | str | None") -> BlockStack:
 
 def kept_blocks(model: nn.Module, *, stack: "BlockStack | str | None" = None) -> list[int]:
     """Original indices of the current blocks (0..depth-1 if nothing was ever dropped)."""
-    return _stack(model, stack).original_indices
+    return current_stack(model, stack).original_indices
 
 
 # ---- dropping ------------------------------------------------------------------------------------
@@ -262,7 +246,7 @@ def drop_blocks(model: nn.Module, indices, *, stack: "BlockStack | str | None" =
     stay with their blocks. Raises BlockdropError for empty, duplicate or out-of-range indices
     and for dropping every block.
     """
-    stack = _stack(model, stack)
+    stack = current_stack(model, stack)
     removed = _check_positions(indices, stack)
     keep = [i for i in range(stack.depth) if i not in set(removed)]
     params_before = _num_params(model)
@@ -280,7 +264,7 @@ def drop_blocks(model: nn.Module, indices, *, stack: "BlockStack | str | None" =
 
 def drop_original(model: nn.Module, original_indices, *, stack: "BlockStack | str | None" = None) -> DropResult:
     """Remove the blocks whose ORIGINAL indices are given (each must still be in the model)."""
-    stack = _stack(model, stack)
+    stack = current_stack(model, stack)
     originals = _indices(original_indices, "original block indices")
     where = {original: position for position, original in enumerate(stack.original_indices)}
     absent = [i for i in originals if i not in where]
@@ -288,119 +272,3 @@ def drop_original(model: nn.Module, original_indices, *, stack: "BlockStack | st
         raise BlockdropError(f"original blocks {absent} are not in block stack {stack.path!r} "
                              f"(its blocks are originals {stack.original_indices})")
     return drop_blocks(model, [where[i] for i in originals], stack=stack)
-
-
-# ---- compressed checkpoints ----------------------------------------------------------------------
-
-def _plain_tensors(state: dict) -> tuple[dict, dict]:
-    """safetensors refuses tensors sharing memory: save tied tensors once, under their first name."""
-    tensors, aliases, first, storages = {}, {}, {}, set()
-    for key, value in state.items():
-        tensor = value.detach()
-        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        ident = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if storage is not None and ident in first:
-            aliases[key] = first[ident]
-            continue
-        first[ident] = key
-        tensors[key] = tensor.clone() if storage in storages else tensor.contiguous()
-        storages.add(storage)
-    return tensors, aliases
-
-
-def _atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def save_compressed(model: nn.Module, path, *, builder: dict, stack: "BlockStack | str | None" = None) -> Path:
-    """Write model.state_dict() to a safetensors file with the metadata `load_compressed` needs.
-
-    `builder` is a JSON-able dict describing the UNCOMPRESSED architecture (e.g. {"kind":
-    "blockdrop.vit", "config": {...}}); the loader's build_fn turns it back into a model.
-    """
-    stack = _stack(model, stack)
-    try:
-        builder_json = json.dumps(builder, sort_keys=True) if isinstance(builder, dict) else None
-    except (TypeError, ValueError) as err:
-        raise BlockdropError(f"save_compressed: builder is not JSON-serialisable: {err}") from None
-    if builder_json is None:
-        raise BlockdropError(f"save_compressed: builder must be a dict, got {type(builder).__name__}")
-    tensors, aliases = _plain_tensors(model.state_dict())
-    metadata = {_META["format"]: FORMAT_VERSION, _META["path"]: stack.path,
-                _META["kept"]: json.dumps(stack.original_indices), _META["depth"]: str(stack.original_depth),
-                _META["builder"]: builder_json, _META["aliases"]: json.dumps(aliases, sort_keys=True)}
-    _atomic_save(tensors, metadata, Path(path))
-    return Path(path)
-
-
-def _field(raw: dict, name: str, path: Path):
-    try:
-        return json.loads(raw[_META[name]])
-    except ValueError as err:
-        raise CheckpointError(f"{path}: metadata field {_META[name]} is not valid JSON ({err})") from None
-
-
-def read_compressed_metadata(path) -> CompressedMetadata:
-    """The blockdrop metadata of a checkpoint written by `save_compressed`."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{path}: cannot read as safetensors ({err})") from None
-    missing = [key for key in _META.values() if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path} is not a blockdrop compressed checkpoint: metadata lacks {', '.join(missing)}")
-    if raw[_META["format"]] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: {_META['format']} {raw[_META['format']]!r} is not {FORMAT_VERSION!r}")
-    kept, depth, builder = _field(raw, "kept", path), _field(raw, "depth", path), _field(raw, "builder", path)
-    ints = isinstance(kept, list) and kept and all(type(i) is int for i in kept) and type(depth) is int
-    if not (ints and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < depth):
-        raise CheckpointError(f"{path}: metadata {_META['kept']}={kept!r} is not an increasing list of "
-                              f"block indices below {_META['depth']}={depth!r}")
-    return CompressedMetadata(raw[_META["path"]], kept, depth, builder, _field(raw, "aliases", path),
-                              raw[_META["format"]])
-
-
-def _strict_load(model: nn.Module, state: dict, path: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    problems = [f"{name} ({len(keys)}): {_listing(keys)}" for name, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshaped)) if keys]
-    if problems:
-        raise CheckpointError(f"{path} does not fit the rebuilt model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-
-
-def load_compressed(path, build_fn) -> nn.Module:
-    """Rebuild a compressed model: build_fn(builder) -> full-depth model, drop, load strictly.
-
-    Any missing, unexpected or misshaped key raises CheckpointError naming it.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = read_compressed_metadata(path)
-    model = build_fn(meta.builder)
-    stack = find_block_stack(model, meta.stack_path)
-    if stack.depth != meta.original_depth or stack.original_indices != list(range(stack.depth)):
-        raise CheckpointError(f"{path}: the builder made {stack.depth} blocks at {meta.stack_path!r} but the "
-                              f"checkpoint was cut from {meta.original_depth}; the builder must describe "
-                              f"the uncompressed architecture")
-    dropped = [i for i in range(stack.depth) if i not in set(meta.kept_blocks)]
-    if dropped:
-        drop_blocks(model, dropped, stack=stack)
-    state = load_file(str(path))
-    for alias, name in meta.aliases.items():
-        if name in state:
-            state[alias] = state[name]
-    _strict_load(model, state, path)
-    return model
