@@ -1,6 +1,9 @@
 """The Progressive Block Drop loop end to end on a tiny detector and generated data."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from blockdrop.experiment import ExperimentConfig
 from blockdrop.cli import main
 from blockdrop.recipes import compress_experiment, load_detector, train_experiment
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 COMPRESS = ["backbone.depth=4", "compress.max_blocks=2", "compress.selection_metric=average_mAP",
             "compress.train.epochs=2", "compress.train.batch_size=2", "compress.train.eval_every=1",
@@ -138,3 +141,36 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "'teacher'" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
+    """`blockdrop compress` under PyTorch's launcher: the ranks form one process group (the
+    alignment trains with DDP), agree on every dropped block, and leave one run folder written by
+    rank 0 whose model loads in a single process."""
+    config, teacher_path = teacher
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    sets = [arg for item in COMPRESS for arg in ("--set", item)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
+                          "--teacher", str(teacher_path), "--out", str(tmp_path / "ddp"), "--quiet", *sets],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("stopped: dropped max_blocks=2") == 1  # one table: rank 0 prints
+    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert history["world_size"] == 2 and history["stopped"] == "dropped max_blocks=2"
+    steps = history["steps"]
+    assert [s["blocks_dropped"] for s in steps] == [1, 2]
+    for s in steps:  # one writer of the alignment's per-epoch metrics
+        lines = (tmp_path / "ddp" / f"step_{s['step']:02d}" / "align" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    model, _ = load_detector(tmp_path / "ddp" / "model.safetensors")
+    assert kept_blocks(model, stack="backbone.blocks") == steps[-1]["kept_blocks"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compress_runs_on_the_gpu_when_there_is_one(teacher, tmp_path):
+    config, teacher_path = teacher
+    history = compress_experiment(_cfg(config, "compress.max_blocks=1"), teacher=teacher_path,
+                                  out=tmp_path / "gpu", progress=False)
+    assert history["teacher"]["latency_device"].startswith("cuda")
+    assert history["steps"][0]["latency_device"].startswith("cuda")

@@ -61,12 +61,14 @@ def load_experiment(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from blockdrop import distributed as dist
     from blockdrop.recipes import train_experiment
 
     cfg = load_experiment(args)
     summary = train_experiment(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
                                progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if dist.is_main():  # under torchrun: one summary, not one per process
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -87,13 +89,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from blockdrop import distributed as dist
     from blockdrop.compress.progressive import format_history
     from blockdrop.recipes import compress_experiment
 
     cfg = load_experiment(args)
     history = compress_experiment(cfg, teacher=args.teacher, out=args.out, resume=args.resume,
                                   overwrite=args.overwrite, progress=not args.quiet)
-    print(format_history(history, cfg.eval.select_metric))
+    if dist.is_main():
+        print(format_history(history, cfg.eval.select_metric))
     return 0
 
 

@@ -35,6 +35,17 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def main_result(fn):
+    """``fn()`` computed on rank 0 only and its (picklable) result handed to every rank, so
+    that decisions taken from it (which block to drop, whether to stop) are the same on all
+    ranks. In one process it is just ``fn()``."""
+    if not is_initialized():
+        return fn()
+    box = [fn() if is_main() else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_from_env(backend: str | None = None) -> torch.device:
     """Join the process group that torchrun describes; return this process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():

@@ -121,6 +121,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
     from blockdrop.postprocess import save_results
 
     model, builder = load_detector(checkpoint)
+    model.to(dist.init_from_env())  # the GPU when there is one (this process's under torchrun)
     annotations = load_experiment_annotations(cfg.data)
     if list(annotations.classes) != list(builder["classes"]):
         raise ConfigError(f"{checkpoint}: the model's classes differ from {cfg.data.root}/{cfg.data.annotations}")
@@ -143,16 +144,18 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
 
 
 def measure_detector(model, cfg: ExperimentConfig, channels: int) -> dict:
-    """Cost of one test window (batch 1): operator-level GMACs (all, backbone), params, CPU latency."""
+    """Cost of one test window (batch 1): operator-level GMACs (all, backbone), params, and the
+    latency on the model's device (CPU: with ``compress.latency_threads`` threads)."""
     from blockdrop.build import example_window
     from blockdrop.measure import count_macs, count_params, measure_latency
 
-    inputs, mask = example_window(cfg, channels)
+    device = dist.model_device(model)
+    inputs, mask = (t.to(device) for t in example_window(cfg, channels))
     latency = measure_latency(model, inputs, mask, threads=cfg.compress.latency_threads, min_run_time=1.0)
     return {"gmacs": count_macs(model, inputs, mask)["gmacs"],
             "backbone_gmacs": count_macs(model.backbone, inputs)["gmacs"],
             "params": count_params(model)["total"], "latency_ms": latency["median_ms"],
-            "latency_iqr_ms": latency["iqr_ms"]}
+            "latency_iqr_ms": latency["iqr_ms"], "latency_device": latency["device"]}
 
 
 def selection_setup(cfg: ExperimentConfig, model, annotations=None, source=None):
@@ -187,14 +190,17 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
         raise ConfigError(f"--teacher {teacher_path}: no such file (give the model.safetensors of a trained "
                           "teacher, from `blockdrop train`)")
     out = Path(out or cfg.output)
+    device = dist.init_from_env()  # first: rank is only known once the process group is up
     annotations = load_experiment_annotations(cfg.data)  # before the output folder is touched
-    _prepare_output(out, resume, overwrite)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main():
+        _prepare_output(out, resume, overwrite)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
     if cfg.compress.train.threads or cfg.train.threads:
         torch.set_num_threads(cfg.compress.train.threads or cfg.train.threads)
     seed_everything(cfg.compress.train.seed)
     teacher_model, builder = load_detector(teacher_path)
-    teacher_model.eval().requires_grad_(False)
+    teacher_model.to(device).eval().requires_grad_(False)
     if list(annotations.classes) != list(builder["classes"]):
         raise ConfigError(f"--teacher {teacher_path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
     source = make_source(cfg.data, annotations)
@@ -212,10 +218,10 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
                                  collate_fn=collate_windows, num_workers=cfg.data.num_workers),
         validate=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
         measure=lambda m: measure_detector(m, cfg, channels),
-        load=lambda path: load_detector(path)[0],
+        load=lambda path: load_detector(path)[0].to(device),
         progress=progress,
     )
-    log = print if progress else (lambda _msg: None)
+    log = print if progress and dist.is_main() else (lambda _msg: None)
     history = progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
                                      log=log)
     if dist.is_main():

@@ -52,7 +52,8 @@ def summary_text(history: dict) -> str:
     return (f"{len(dropped)} of {depth} blocks dropped ({100 * len(dropped) / depth:.0f}%; original indices "
             f"{dropped}): {teacher['gmacs']:.3f} -> {last['gmacs']:.3f} GMACs per window "
             f"(x{last['gmacs'] / teacher['gmacs']:.3f}), latency {_fmt(teacher.get('latency_ms'))} -> "
-            f"{_fmt(last.get('latency_ms'))} ms (x{last.get('latency_ms', float('nan')) / teacher.get('latency_ms', float('nan')):.3f}), "
+            f"{_fmt(last.get('latency_ms'))} ms (x{last.get('latency_ms', float('nan')) / teacher.get('latency_ms', float('nan')):.3f}"
+            f"{', on ' + teacher['latency_device'] if teacher.get('latency_device') else ''}), "
             f"validation average mAP {_fmt(_val(teacher, 'average_mAP'))} -> {_fmt(_val(last, 'average_mAP'))}. "
             f"Stopped: {history.get('stopped')}.")
 

@@ -9,6 +9,11 @@ A run folder holds `history.json` (teacher + one record per step, every candidat
 `step_NN/` (selection.json, the alignment's metrics and resumable state, model.safetensors)
 and `model.safetensors` (the last kept step). `--resume` continues from the last completed
 step, and inside a step from the alignment's last saved epoch, re-using the recorded choice.
+
+Under torchrun every rank runs the loop: the alignment trains with DistributedDataParallel over
+all ranks, while selection, validation and measurement run on rank 0 and their results are
+broadcast (so every rank drops the same block and stops at the same step), and only rank 0
+writes to the run folder.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Callable
 
 from torch import nn
 
+from blockdrop import distributed as dist
 from blockdrop.compress.saving import save_compressed
 from blockdrop.compress.stack import drop_blocks, kept_blocks
 from blockdrop.fileio import atomic_path, atomic_write_text
@@ -45,7 +51,9 @@ class Setup:
 
 
 def write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    """Rank 0 writes (atomically); other ranks of a torchrun job do nothing."""
+    if dist.is_main():
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def stop_reason(cfg, history: dict) -> str | None:
@@ -68,7 +76,8 @@ def kept_after(history: dict) -> list[int]:
 
 
 def _select(setup: Setup, student: nn.Module, cfg, step_dir: Path) -> dict:
-    """The recorded choice of this step, or a fresh selection (recorded before anything changes)."""
+    """The recorded choice of this step, or a fresh selection (recorded before anything changes).
+    Rank 0 only: `run_step` hands the result to the other ranks."""
     from blockdrop.compress.selection import select_block
 
     path = step_dir / "selection.json"
@@ -112,7 +121,7 @@ def run_step(setup: Setup, student: nn.Module, cfg, step: int, step_dir: Path, r
              select_metric: str) -> tuple[nn.Module, dict]:
     """One step on a copy of ``student``: returns (merged model, step record)."""
     start = time.perf_counter()
-    selection = _select(setup, student, cfg, step_dir)
+    selection = dist.main_result(lambda: _select(setup, student, cfg, step_dir))
     student = copy.deepcopy(student)
     previous = copy.deepcopy(student) if cfg.teacher_mode == "previous" else None
     dropped = _drop(student, selection, setup.selection_target.stack_path)
@@ -120,7 +129,7 @@ def run_step(setup: Setup, student: nn.Module, cfg, step: int, step_dir: Path, r
     teacher = setup.teacher if previous is None else previous
     epochs = cfg.train.epochs * (len(dropped) if cfg.one_shot else 1)  # one-shot: the same total budget
     merged, fit = _align(setup, student, teacher, cfg, step_dir, resume, epochs, select_metric)
-    val = setup.validate(merged)
+    val, cost = dist.main_result(lambda: (setup.validate(merged), setup.measure(merged)))
     record = {
         "step": step,
         "dropped_original": dropped,
@@ -129,7 +138,7 @@ def run_step(setup: Setup, student: nn.Module, cfg, step: int, step_dir: Path, r
         "align": {"best_epoch": fit.best_epoch, "history": fit.history},
         "val": val,
         f"val_{select_metric}": val.get(select_metric),
-        **setup.measure(merged),
+        **cost,
         "time_s": round(time.perf_counter() - start, 1),
     }
     return merged, record
@@ -145,8 +154,9 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
         history = json.loads(history_path.read_text())
     else:
         log("measuring the teacher on the validation split")
-        history = {"teacher": {"kept_blocks": teacher_kept, "val": setup.validate(setup.teacher),
-                               **setup.measure(setup.teacher)}, "steps": [], "stopped": None}
+        val, cost = dist.main_result(lambda: (setup.validate(setup.teacher), setup.measure(setup.teacher)))
+        history = {"teacher": {"kept_blocks": teacher_kept, "val": val, **cost}, "steps": [], "stopped": None,
+                   "world_size": dist.world_size()}
         history["teacher"][f"val_{select_metric}"] = history["teacher"]["val"].get(select_metric)
         write_json(history_path, history)
     student = setup.teacher
@@ -168,7 +178,8 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
             write_json(history_path, history)
             break
         record["status"] = "kept"
-        save_compressed(merged, step_dir / "model.safetensors", builder=setup.builder)
+        if dist.is_main():
+            save_compressed(merged, step_dir / "model.safetensors", builder=setup.builder)
         history["steps"].append(record)
         write_json(history_path, history)
         log(f"step {step}: dropped block {record['dropped_original']}, val {select_metric} "
@@ -178,11 +189,12 @@ def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False
             history["stopped"] = f"one-shot drop of {len(record['dropped_original'])} blocks"
     history["stopped"] = history.get("stopped") or stop_reason(cfg, history)
     write_json(history_path, history)
-    if history["steps"]:
+    if history["steps"] and dist.is_main():
         final = out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors"
         with atomic_path(out / "model.safetensors") as tmp:  # never a half-copied final model
             shutil.copyfile(final, tmp)
-    elif not (out / "model.safetensors").exists():
+    dist.barrier()  # the run folder is complete before any rank returns
+    if not history["steps"] and not (out / "model.safetensors").exists():
         raise ConfigError(f"{out}: no step was kept ({history['stopped']})")
     return history
 
