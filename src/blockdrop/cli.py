@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from blockdrop import distributed as dist
     from blockdrop.evaluation import format_map_table
     from blockdrop.recipes import evaluate_checkpoint
 
@@ -80,6 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.checkpoint.exists():
         raise BlockdropError(f"--checkpoint {args.checkpoint}: file not found")
     metrics = evaluate_checkpoint(cfg, args.checkpoint, subset=args.subset, predictions_out=args.predictions)
+    if not dist.is_main():  # under torchrun every rank scores the whole subset; rank 0 reports it
+        return 0
     print(format_map_table(metrics))
     if args.json is not None:
         from blockdrop.fileio import atomic_write_text

@@ -137,7 +137,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
     metrics = evaluate(model, dataset, cfg.eval)
     predictions = metrics.pop("predictions")
     if predictions_out is not None:
-        save_results(predictions, predictions_out)
+        if dist.is_main():
+            save_results(predictions, predictions_out)
     metrics["subset"] = subset or "test"
     metrics["blocks"] = model.backbone.depth
     return metrics
