@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from blockdrop.build import example_window, input_channels, load_experiment_annotations, make_source
+from blockdrop.build import (data_fingerprint, example_window, input_channels, load_experiment_annotations,
+                             make_source, software_versions)
 from blockdrop.cli import resolve_config_path
 from blockdrop.config import load_config
 from blockdrop.experiment import ExperimentConfig
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     val = evaluate_checkpoint(cfg, out / MODEL_FILE, subset="val")
     model, _ = load_detector(out / MODEL_FILE)
     annotations = load_experiment_annotations(cfg.data)
-    channels = input_channels(cfg.data, annotations, make_source(cfg.data, annotations))
+    source = make_source(cfg.data, annotations)
+    channels = input_channels(cfg.data, annotations, source)
     record = {
         "name": args.name,
         "config": str(args.config),
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": cfg.train.epochs,
         "best_epoch": summary.get("best_epoch") if summary else None,
         "train_wall_time_s": round(summary.get("wall_time_s", train_time), 1) if summary else None,
+        "train_threads": summary.get("threads", cfg.train.threads) if summary else cfg.train.threads,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "data": data_fingerprint(cfg.data, annotations, source),  # what the figures were scored on
+        "software": software_versions(cfg.data.kind == "video"),
         "command": "python benchmarks/teacher.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

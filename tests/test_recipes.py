@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdrop.build import build_detector, split_annotations
+from blockdrop.build import build_detector, data_fingerprint, make_source, split_annotations
 from blockdrop.cli import main
 from blockdrop.config import load_config
 from blockdrop.data.annotations import load_annotations
@@ -58,10 +58,32 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert "average" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["subset"] == "test" and metrics["blocks"] == 2 and 0 <= metrics["average_mAP"] <= 100
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["threads"] >= 1 and summary["world_size"] == 1
+    assert summary["software"]["torch"] == torch.__version__ and "av" not in summary["software"]
     assert "results" in json.loads((tmp_path / "p.json").read_text())
     # the run folder is not silently reused
     assert main(["train", str(config), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_data_fingerprint_tells_changed_media_and_annotations_apart(tmp_path):
+    config = tiny_config(tmp_path)
+    cfg = load_config(ExperimentConfig, config)
+    annotations = load_annotations(Path(cfg.data.root) / cfg.data.annotations)
+    source = make_source(cfg.data, annotations)
+    first = data_fingerprint(cfg.data, annotations, source)
+    assert first == data_fingerprint(cfg.data, annotations, source)
+    assert first["media_files"] == len(annotations.videos) and first["media_bytes"] > 0
+    video = source.path(sorted(annotations.videos)[0])
+    with open(video, "ab") as f:  # the same file name, other content and size
+        f.write(b"\0" * 8)
+    changed = data_fingerprint(cfg.data, annotations, source)
+    assert changed["media_names_sizes_sha256"] != first["media_names_sizes_sha256"]
+    assert changed["annotations_sha256"] == first["annotations_sha256"]
+    ann = Path(cfg.data.root) / cfg.data.annotations
+    ann.write_text(ann.read_text() + "\n")
+    assert data_fingerprint(cfg.data, annotations, source)["annotations_sha256"] != first["annotations_sha256"]
 
 
 def test_saved_model_reloads_without_the_config(tmp_path):

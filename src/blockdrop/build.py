@@ -26,6 +26,41 @@ def load_experiment_annotations(data: DataConfig) -> Annotations:
     return load_annotations(path, preset=data.preset)
 
 
+def data_fingerprint(data: DataConfig, annotations: Annotations, source) -> dict:
+    """What a run read, cheaply enough for any dataset size: the annotation file's SHA-256 and a
+    SHA-256 over every annotated video's file name and byte size (a re-rendered or re-encoded
+    video set changes it; file contents are not read). Written into a run's summary so two runs
+    that differ can be told apart by their data."""
+    import hashlib
+
+    listing = hashlib.sha256()
+    total = 0
+    for video_id in sorted(annotations.videos):
+        path = source.path(video_id)
+        size = path.stat().st_size
+        listing.update(f"{path.name}\t{size}\n".encode())
+        total += size
+    annotation_file = Path(data.root) / data.annotations
+    return {"annotations_sha256": hashlib.sha256(annotation_file.read_bytes()).hexdigest(),
+            "media_names_sizes_sha256": listing.hexdigest(), "media_files": len(annotations.videos),
+            "media_bytes": total}
+
+
+def software_versions(video: bool) -> dict:
+    """Versions of what decides the numbers: torch, numpy, and PyAV (with its FFmpeg) for video."""
+    import platform
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    if video:
+        import av
+
+        versions["av"] = av.__version__
+        versions["ffmpeg_libavcodec"] = ".".join(map(str, av.library_versions.get("libavcodec", ())))
+    return versions
+
+
 def input_rate(data: DataConfig, annotations: Annotations) -> float:
     """Input steps per second: the config's rate, else the fps every video of the file agrees on."""
     if data.rate is not None:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from blockdrop import distributed as dist
-from blockdrop.build import (build_detector, build_from_builder, detector_builder, input_channels,
-                             load_experiment_annotations, make_dataset, make_source, split_annotations)
+from blockdrop.build import (build_detector, build_from_builder, data_fingerprint, detector_builder, input_channels,
+                             load_experiment_annotations, make_dataset, make_source, software_versions,
+                             split_annotations)
 from blockdrop.config import save_config
 from blockdrop.data.dataset import collate_windows
 from blockdrop.fileio import atomic_write_text
@@ -101,7 +102,10 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
                  out_dir=out, resume=resume, on_best=on_best, progress=progress)
     summary = {"best_epoch": result.best_epoch, f"val_{cfg.eval.select_metric}": result.best_metric,
                "epochs": result.epochs_run, "wall_time_s": round(time.perf_counter() - start, 1),
-               "blocks": model.backbone.depth, "model": str(out / MODEL_FILE)}
+               "blocks": model.backbone.depth, "model": str(out / MODEL_FILE),
+               "threads": torch.get_num_threads(), "world_size": dist.world_size(),
+               "data": data_fingerprint(cfg.data, annotations, source),
+               "software": software_versions(cfg.data.kind == "video")}
     if dist.is_main():
         write_json(out / "summary.json", summary)
     return summary
