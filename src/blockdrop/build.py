@@ -47,12 +47,15 @@ def data_fingerprint(data: DataConfig, annotations: Annotations, source) -> dict
 
 
 def software_versions(video: bool) -> dict:
-    """Versions of what decides the numbers: torch, numpy, and PyAV (with its FFmpeg) for video."""
+    """What decides the numbers besides code, config and data: torch, numpy, the CPU kernel level
+    torch uses, and PyAV (with its FFmpeg) for video."""
     import platform
 
     import torch
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                # the CPU kernels torch dispatches to (e.g. AVX2 vs AVX512) change float rounding
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
     if video:
         import av
 
