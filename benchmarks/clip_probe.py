@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockdrop.build import build_backbone, load_experiment_annotations, make_source, split_annotations
+from blockdrop.recipes.build import build_backbone, load_experiment_annotations, make_source, split_annotations
 from blockdrop.cli import resolve_config_path
-from blockdrop.config import load_config
-from blockdrop.experiment import ExperimentConfig
+from blockdrop.core.config import load_config
+from blockdrop.core.schema import ExperimentConfig
 
 
 def frame_labels(info, length: int, rate: float, class_index) -> np.ndarray:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
     command = f"python {shlex.join(sys.argv)}"
     if args.name:
-        from blockdrop.fileio import atomic_write_text
+        from blockdrop.core.fileio import atomic_write_text
 
         record = {"name": args.name, "majority": majority, "best_val_accuracy": best, "steps": args.steps,
                   "rows": rows, "wall_time_s": round(time.perf_counter() - start, 1), "command": command}

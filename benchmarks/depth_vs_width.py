@@ -6,7 +6,7 @@
 Variants of a VideoMAE-S backbone (random weights; cost does not depend on them): the original;
 1..N blocks dropped (depth); width pruning (MLP channels + whole heads, torch-pruning) to the MACs
 of each depth point; and block drop followed by width pruning. All are timed in one run, in
-interleaved rounds (blockdrop.bench.measure_interleaved), with a fixed number of CPU threads.
+interleaved rounds (blockdrop.recipes.bench.measure_interleaved), with a fixed number of CPU threads.
 Writes benchmarks/results/depth_vs_width.json and .png and prints a table and a summary line.
 Needs blockdrop[prune] (torch-pruning) and matplotlib. Protocol: docs/measurement.md.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from blockdrop.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
+from blockdrop.recipes.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              load_average, measure_interleaved, model_cost)
-from blockdrop.fileio import atomic_write_text
+from blockdrop.core.fileio import atomic_write_text
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit
 
 RESULTS = Path(__file__).parent / "results"

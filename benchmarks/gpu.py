@@ -7,7 +7,7 @@ The paper's point (method.md, "Why depth, not width") is about GPUs: narrower ma
 less efficiently there, so channel pruning saves less time than MACs. For each size: the
 original; 1..N blocks dropped; width pruning (MLP channels + whole heads) to the MACs of each
 depth point; block drop followed by width pruning. Timed per dtype (fp32, and bf16/fp16 under
-torch.autocast) in interleaved rounds with CUDA synchronisation (blockdrop.measure.measure_latency).
+torch.autocast) in interleaved rounds with CUDA synchronisation (blockdrop.core.measure.measure_latency).
 Writes benchmarks/results/gpu_depth_vs_width.json. Exits with a message when no CUDA device is present.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blockdrop.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
+from blockdrop.recipes.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              measure_interleaved, model_cost)
-from blockdrop.fileio import atomic_write_text
+from blockdrop.core.fileio import atomic_write_text
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit, vit_sizes
 
 RESULTS = Path(__file__).parent / "results"

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from blockdrop.cli import resolve_config_path
-from blockdrop.config import load_config
-from blockdrop.experiment import ExperimentConfig
-from blockdrop.fileio import atomic_write_text
-from blockdrop.measure import measure_latency
-from blockdrop.recipes import MODEL_FILE, compress_experiment, evaluate_checkpoint, load_detector, train_experiment
+from blockdrop.core.config import load_config
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.measure import measure_latency
+from blockdrop.recipes.experiments import MODEL_FILE, compress_experiment, evaluate_checkpoint, load_detector, train_experiment
 
 RESULTS = Path(__file__).parent / "results"
 PAPER = [  # VideoMAE-S + ActionFormer, THUMOS14 (method.md, from a secondary summary of the paper)
@@ -68,7 +68,7 @@ def run_scratch(cfg, teacher_cfg: ExperimentConfig, out: Path, blocks: int, epoc
 
 def interleaved_latency(paths: list[Path], cfg, channels: int, rounds: int, threads: int) -> list[dict]:
     """Median latency per model, measured in alternating rounds so drift hits all models alike."""
-    from blockdrop.build import example_window
+    from blockdrop.recipes.build import example_window
 
     inputs, mask = example_window(cfg, channels)
     models = [load_detector(p)[0].eval() for p in paths]
@@ -82,7 +82,7 @@ def interleaved_latency(paths: list[Path], cfg, channels: int, rounds: int, thre
 def selection_cost(cfg: ExperimentConfig, teacher: Path) -> dict:
     """The map evaluator at the first step, shared-prefix vs naive, on the same selection batches."""
     from blockdrop.compress.selection import select_block
-    from blockdrop.recipes import selection_setup
+    from blockdrop.recipes.experiments import selection_setup
 
     model, _ = load_detector(teacher)
     target, loader = selection_setup(cfg, model)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from blockdrop.build import (data_fingerprint, example_window, input_channels, load_experiment_annotations,
+from blockdrop.recipes.build import (data_fingerprint, example_window, input_channels, load_experiment_annotations,
                              make_source, software_versions)
 from blockdrop.cli import resolve_config_path
-from blockdrop.config import load_config
-from blockdrop.experiment import ExperimentConfig
-from blockdrop.fileio import atomic_write_text
-from blockdrop.measure import count_macs, count_params
-from blockdrop.recipes import MODEL_FILE, evaluate_checkpoint, load_detector, train_experiment
+from blockdrop.core.config import load_config
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.measure import count_macs, count_params
+from blockdrop.recipes.experiments import MODEL_FILE, evaluate_checkpoint, load_detector, train_experiment
 
 RESULTS = Path(__file__).parent / "results"
 

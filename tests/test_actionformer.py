@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blockdrop.errors import ConfigError
+from blockdrop.core.errors import ConfigError
 from blockdrop.models.actionformer import ActionFormerHead, HeadOutput
 from blockdrop.models.actionformer_layers import ConvAttention
 from blockdrop.models.points import default_regression_ranges, make_points

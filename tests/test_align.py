@@ -17,12 +17,12 @@ from blockdrop.compress.align import AlignLoss, StudentRunner, align, class_kd, 
 from blockdrop.compress.lora import add_lora, lora_layers
 from blockdrop.compress.stack import drop_blocks, drop_original, kept_blocks
 from blockdrop.compress.target import DetectorTarget, run_blocks
-from blockdrop.errors import BlockdropError
-from blockdrop.experiment import TrainConfig
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.schema import TrainConfig
 from blockdrop.models import vit
 from blockdrop.models.actionformer import ActionFormerHead
 from blockdrop.models.detector import Detector
-from blockdrop.train import make_loader
+from blockdrop.core.training import make_loader
 
 from conftest import make_sequence_dataset
 
@@ -295,10 +295,10 @@ def test_align_refuses_a_student_sharing_weights_with_the_teacher():
 
 
 def test_align_a_detector_end_to_end(tmp_path):
-    from blockdrop import build
-    from blockdrop.config import from_dict
+    from blockdrop.recipes import build
+    from blockdrop.core.config import from_dict
     from blockdrop.data.dataset import collate_windows
-    from blockdrop.experiment import ExperimentConfig
+    from blockdrop.core.schema import ExperimentConfig
 
     make_sequence_dataset(tmp_path / "data", videos=6, length=128, starts=(10, 70), durations=(15, 40),
                           subsets=["train"] * 4 + ["val"] * 2)

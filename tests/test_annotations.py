@@ -12,7 +12,7 @@ from blockdrop.data.annotations import (
     load_annotations,
     save_annotations,
 )
-from blockdrop.errors import AnnotationError
+from blockdrop.core.errors import AnnotationError
 
 
 def _database():

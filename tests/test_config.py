@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 
-from blockdrop.config import apply_overrides, from_dict, load_config, save_config, to_dict
-from blockdrop.errors import ConfigError
-from blockdrop.experiment import BackboneConfig, ExperimentConfig
+from blockdrop.core.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from blockdrop.core.errors import ConfigError
+from blockdrop.core.schema import BackboneConfig, ExperimentConfig
 
 MINIMAL = {
     "data": {"kind": "sequence", "root": "data/hapt", "window": 256},

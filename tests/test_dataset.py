@@ -7,7 +7,7 @@ from blockdrop.data.annotations import load_annotations
 from blockdrop.data.dataset import TADDataset, collate_windows
 from blockdrop.data.sequences import SequenceSource
 from blockdrop.data.windows import random_truncation
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 RATE = 10.0  # input steps per second
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from blockdrop.errors import AnnotationError, BlockdropError
-from blockdrop.evaluation import ACTIVITYNET_TIOU, THUMOS_TIOU, detection_map, format_map_table, parse_tiou
+from blockdrop.core.errors import AnnotationError, BlockdropError
+from blockdrop.tad.evaluation import ACTIVITYNET_TIOU, THUMOS_TIOU, detection_map, format_map_table, parse_tiou
 
 
 def gt_doc(videos, subset="test"):

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from blockdrop.build import build_detector, detector_builder
+from blockdrop.recipes.build import build_detector, detector_builder
 from blockdrop.cli import main, resolve_config_path
 from blockdrop.compress.saving import save_compressed
 from blockdrop.compress.stack import drop_blocks
-from blockdrop.config import load_config
-from blockdrop.experiment import ExperimentConfig
-from blockdrop.export import export_detector
-from blockdrop.recipes import load_detector
+from blockdrop.core.config import load_config
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.recipes.export import export_detector
+from blockdrop.recipes.experiments import load_detector
 
 from conftest import tiny_config
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blockdrop.errors import DataError
-from blockdrop.fileio import atomic_path, atomic_write_text, check_output_folder, staged_folder
+from blockdrop.core.errors import DataError
+from blockdrop.core.fileio import atomic_path, atomic_write_text, check_output_folder, staged_folder
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):

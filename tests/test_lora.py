@@ -16,7 +16,7 @@ from blockdrop.compress.lora import add_lora, lora_layers, merge_lora
 from blockdrop.compress.saving import load_compressed, save_compressed
 from blockdrop.compress.stack import drop_blocks, kept_blocks
 from blockdrop.compress.target import DetectorTarget, run_blocks
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 from blockdrop.models import vit
 from blockdrop.models.actionformer import ActionFormerHead
 from blockdrop.models.detector import Detector

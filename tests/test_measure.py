@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockdrop.measure import (analytic_vit_macs, count_macs, count_params, macs_per_block,
+from blockdrop.core.measure import (analytic_vit_macs, count_macs, count_params, macs_per_block,
                                measure_latency, peak_memory)
 from blockdrop.models.vit import videomae_vit
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blockdrop.evaluation import detection_map
-from blockdrop.postprocess import (
+from blockdrop.tad.evaluation import detection_map
+from blockdrop.tad.postprocess import (
     PostprocessConfig,
     detections_to_results,
     feature_to_input_steps,
@@ -171,7 +171,7 @@ def test_postprocess_video_and_results_round_trip(tmp_path):
 
 
 def test_results_reject_bad_labels_and_values(tmp_path):
-    from blockdrop.errors import BlockdropError
+    from blockdrop.core.errors import BlockdropError
 
     with pytest.raises(BlockdropError, match="'v'"):
         detections_to_results({"v": (t([[0, 1]]), t([0.5]), t([3], torch.long))}, ["a"])

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import blockdrop.compress.progressive as progressive
-import blockdrop.recipes as recipes
+import blockdrop.recipes.experiments as recipes
 from blockdrop.compress.stack import kept_blocks
-from blockdrop.config import load_config
-from blockdrop.errors import ConfigError
-from blockdrop.experiment import ExperimentConfig
+from blockdrop.core.config import load_config
+from blockdrop.core.errors import ConfigError
+from blockdrop.core.schema import ExperimentConfig
 from blockdrop.cli import main
-from blockdrop.recipes import compress_experiment, load_detector, train_experiment
+from blockdrop.recipes.experiments import compress_experiment, load_detector, train_experiment
 
 from conftest import free_port, tiny_config
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdrop.build import build_detector, data_fingerprint, make_source, split_annotations
+from blockdrop.recipes.build import build_detector, data_fingerprint, make_source, split_annotations
 from blockdrop.cli import main
-from blockdrop.config import load_config
+from blockdrop.core.config import load_config
 from blockdrop.data.annotations import load_annotations
-from blockdrop.experiment import ExperimentConfig
-from blockdrop.recipes import load_detector, train_experiment
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.recipes.experiments import load_detector, train_experiment
 
 from conftest import free_port, tiny_config
 

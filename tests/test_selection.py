@@ -14,7 +14,7 @@ from torch import nn
 
 from blockdrop.compress.selection import select_block
 from blockdrop.compress.stack import drop_blocks
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 from conftest import make_sequence_dataset
 
@@ -209,11 +209,11 @@ def test_refusals_name_the_problem():
 
 @pytest.fixture(scope="module")
 def detector_setup(tmp_path_factory):
-    from blockdrop.build import build_detector, load_experiment_annotations, make_dataset, make_source
+    from blockdrop.recipes.build import build_detector, load_experiment_annotations, make_dataset, make_source
     from blockdrop.compress.target import DetectorTarget
-    from blockdrop.config import from_dict
+    from blockdrop.core.config import from_dict
     from blockdrop.data.dataset import collate_windows
-    from blockdrop.experiment import ExperimentConfig
+    from blockdrop.core.schema import ExperimentConfig
 
     root = tmp_path_factory.mktemp("selection") / "data"
     make_sequence_dataset(root, videos=3, length=160, starts=(20, 100), durations=(20, 40), subsets=["train"] * 3)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from blockdrop.data.sequences import SequenceSource, load_sequence
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 
 def test_load_sequence_memory_maps_a_valid_array(tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 
 from blockdrop.compress.saving import load_compressed, read_compressed_metadata, save_compressed
 from blockdrop.compress.stack import drop_blocks, drop_original, find_block_stack, kept_blocks
-from blockdrop.errors import BlockdropError, CheckpointError
+from blockdrop.core.errors import BlockdropError, CheckpointError
 
 from conftest import import_transformers
 

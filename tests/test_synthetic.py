@@ -11,7 +11,7 @@ import pytest
 
 from blockdrop.data.synthetic import CLASSES, SyntheticSpec, render_synthetic
 from blockdrop.data.video import decode_video
-from blockdrop.errors import ConfigError, DataError
+from blockdrop.core.errors import ConfigError, DataError
 
 # No distractors, no noise and short ramps: outside actions only the background and idle actors
 # change slowly, so the motion an annotation promises is measurable from the decoded pixels.

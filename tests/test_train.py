@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from blockdrop.experiment import TrainConfig
-from blockdrop.train import fit, make_loader, seed_everything, warmup_cosine
+from blockdrop.core.schema import TrainConfig
+from blockdrop.core.training import fit, make_loader, seed_everything, warmup_cosine
 
 from conftest import free_port
 
@@ -99,7 +99,7 @@ def test_selection_follows_the_validation_metric():
 
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    from blockdrop import distributed as dist
+    from blockdrop.core import distributed as dist
 
     torch.set_num_threads(1)
     dist.init_from_env("gloo")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from blockdrop.data.video import VideoSource, decode_video, probe_video, write_video
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 BIKES_CUTS = (30, 76, 137, 187, 242)
 # Debian opencv-doc installs it here (not gzipped); BLOCKDROP_VTEST may point at an extracted copy.

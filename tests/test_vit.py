@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from blockdrop.errors import ConfigError
+from blockdrop.core.errors import ConfigError
 from blockdrop.models.checkpoints import load_hf_dinov2, load_hf_videomae
 from blockdrop.models.vit import (ClipVideoBackbone, VisionTransformer, dinov2_vit, sequence_vit,
                                   videomae_vit, vit_sizes)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from blockdrop.errors import BlockdropError
-from blockdrop.measure import count_macs
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.measure import count_macs
 from blockdrop.models.vit import Attention, ClipVideoBackbone, videomae_vit
 
 needs_tp = pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
@@ -183,7 +183,7 @@ def test_prune_to_macs_rejects_unreachable_targets():
 # ---- blockdrop bench -----------------------------------------------------------------------------
 
 def bench_parser() -> argparse.ArgumentParser:
-    from blockdrop.bench import add_bench_parser
+    from blockdrop.recipes.bench import add_bench_parser
 
     parser = argparse.ArgumentParser(prog="blockdrop")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
@@ -239,15 +239,15 @@ def test_bench_width_points_match_the_depth_points(capsys):
 
 @needs_tp
 def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_original(tmp_path):
-    from blockdrop.build import build_detector, detector_builder
+    from blockdrop.recipes.build import build_detector, detector_builder
     from blockdrop.cli import resolve_config_path
     from blockdrop.compress.saving import save_compressed
     from blockdrop.compress.stack import drop_blocks
     from blockdrop.compress.width import prune_width, with_widths
-    from blockdrop.config import load_config
-    from blockdrop.errors import CheckpointError
-    from blockdrop.experiment import ExperimentConfig
-    from blockdrop.recipes import load_detector
+    from blockdrop.core.config import load_config
+    from blockdrop.core.errors import CheckpointError
+    from blockdrop.core.schema import ExperimentConfig
+    from blockdrop.recipes.experiments import load_detector
 
     cfg = load_config(ExperimentConfig, resolve_config_path("synthetic"), [
         "backbone.depth=3", "backbone.width=64", "backbone.heads=4", "head.embed_dim=32", "head.fpn_dim=32",

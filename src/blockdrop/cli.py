@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 
 def cmd_data_hapt(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from blockdrop.evaluation import detection_map, format_map_table, parse_tiou
+    from blockdrop.tad.evaluation import detection_map, format_map_table, parse_tiou
 
     result = detection_map(args.ground_truth, args.predictions, parse_tiou(args.tiou, flag="--tiou"), subset=args.subset)
     print(format_map_table(result))
@@ -54,15 +54,15 @@ def resolve_config_path(text: str) -> Path:
 
 
 def load_experiment(args: argparse.Namespace):
-    from blockdrop.config import load_config
-    from blockdrop.experiment import ExperimentConfig
+    from blockdrop.core.config import load_config
+    from blockdrop.core.schema import ExperimentConfig
 
     return load_config(ExperimentConfig, resolve_config_path(args.config), args.set or ())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from blockdrop import distributed as dist
-    from blockdrop.recipes import train_experiment
+    from blockdrop.core import distributed as dist
+    from blockdrop.recipes.experiments import train_experiment
 
     cfg = load_experiment(args)
     summary = train_experiment(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
@@ -73,9 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from blockdrop import distributed as dist
-    from blockdrop.evaluation import format_map_table
-    from blockdrop.recipes import evaluate_checkpoint
+    from blockdrop.core import distributed as dist
+    from blockdrop.tad.evaluation import format_map_table
+    from blockdrop.recipes.experiments import evaluate_checkpoint
 
     cfg = load_experiment(args)
     if not args.checkpoint.exists():
@@ -85,16 +85,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(format_map_table(metrics))
     if args.json is not None:
-        from blockdrop.fileio import atomic_write_text
+        from blockdrop.core.fileio import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2) + "\n")
     return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from blockdrop import distributed as dist
+    from blockdrop.core import distributed as dist
     from blockdrop.compress.progressive import format_history
-    from blockdrop.recipes import compress_experiment
+    from blockdrop.recipes.experiments import compress_experiment
 
     cfg = load_experiment(args)
     history = compress_experiment(cfg, teacher=args.teacher, out=args.out, resume=args.resume,
@@ -105,7 +105,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from blockdrop.export import export_detector
+    from blockdrop.recipes.export import export_detector
 
     fmt = args.format or ("onnx" if args.out.suffix.lower() == ".onnx" else "pt2")
     result = export_detector(args.checkpoint, args.out, fmt=fmt, batch=args.batch, tolerance=args.tolerance)
@@ -115,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from blockdrop.report import write_report
+    from blockdrop.recipes.report import write_report
 
     for path in write_report(args.run, plot=not args.no_plot):
         print(f"wrote {path}")
@@ -123,7 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from blockdrop.demo import run_demo
+    from blockdrop.recipes.demo import run_demo
 
     run_demo(args.out, overrides=args.set or (), progress=not args.quiet)
     return 0
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tolerance", type=float, default=1e-4, help="max |exported - eager| accepted")
     ex.set_defaults(func=cmd_export)
 
-    from blockdrop.bench import add_bench_parser
+    from blockdrop.recipes.bench import add_bench_parser
 
     add_bench_parser(sub)
     return parser

@@ -12,7 +12,7 @@ The losses compare the student with the teacher through the `CompressionTarget` 
 - reg_kd: DIoU between student and teacher decoded segments at ground-truth-assigned points.
 - gt: the target's own task loss.
 
-Training is `blockdrop.train.fit`, the project's one loop: AlignLoss is its ``loss_fn``.
+Training is `blockdrop.core.training.fit`, the project's one loop: AlignLoss is its ``loss_fn``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockdrop import distributed as dist
+from blockdrop.core import distributed as dist
 from blockdrop.compress.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from blockdrop.compress.stack import kept_blocks
 from blockdrop.compress.target import run_blocks
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 from blockdrop.models.losses import diou_loss
 
 LOSS_TERMS = ("feature", "cls_kd", "reg_kd", "gt")
@@ -228,7 +228,7 @@ def _check_separate(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _first_batch(loader, device: torch.device) -> dict:
-    from blockdrop.train import _to_device
+    from blockdrop.core.training import _to_device
 
     for batch in loader:
         return _to_device(batch, device)
@@ -248,7 +248,7 @@ def align(student: nn.Module, teacher: nn.Module, target, train_loader, train_cf
     the best epoch by ``select_metric``; without it the last epoch is kept. The selected weights
     (the EMA's when ``train_cfg.ema_decay > 0``) are merged, checked on the first training batch.
     """
-    from blockdrop.train import fit
+    from blockdrop.core.training import fit
 
     _check_separate(student, teacher)
     loss_fn = AlignLoss(teacher, target, weights=weights, temperature=temperature, cls_kd=cls_kd)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from blockdrop.compress.stack import BlockStack, find_block_stack
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj")
 # the released recipe trains all LayerNorms, the patch embedding (our `tokenizer`) and the head

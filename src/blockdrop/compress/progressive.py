@@ -28,11 +28,11 @@ from typing import Callable
 
 from torch import nn
 
-from blockdrop import distributed as dist
+from blockdrop.core import distributed as dist
 from blockdrop.compress.saving import save_compressed
 from blockdrop.compress.stack import drop_blocks, kept_blocks
-from blockdrop.fileio import atomic_path, atomic_write_text
-from blockdrop.errors import ConfigError
+from blockdrop.core.fileio import atomic_path, atomic_write_text
+from blockdrop.core.errors import ConfigError
 
 @dataclass
 class Setup:

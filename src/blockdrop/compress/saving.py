@@ -15,8 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from blockdrop.compress.stack import BlockStack, current_stack, drop_blocks, find_block_stack, listing
-from blockdrop.errors import BlockdropError, CheckpointError
-from blockdrop.fileio import atomic_path
+from blockdrop.core.errors import BlockdropError, CheckpointError
+from blockdrop.core.fileio import atomic_path
 
 FORMAT_VERSION = "1"
 _META = {"format": "blockdrop.format", "path": "blockdrop.stack_path", "kept": "blockdrop.kept_blocks",

@@ -31,7 +31,7 @@ from torch import nn
 
 from blockdrop.compress.stack import kept_blocks
 from blockdrop.compress.target import CompressionTarget, blocks_of, run_blocks
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 HIGHER_IS_BETTER = {"map": True, "loss": False, "feature_mse": False, "feature_cosine": False}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 # Paths tried by auto-detection: a ModuleList/Sequential whose dotted path is one of these or ends
 # with "." + one of these. Every match is a candidate; more than one is an error, never a guess.

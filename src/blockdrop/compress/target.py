@@ -61,7 +61,7 @@ class DetectorTarget:
 
     ``predict`` keeps each window's candidates (input steps) with its video id; ``score``
     merges them per video, runs soft-NMS and computes ActivityNet-standard mAP on the
-    dataset's annotations, exactly as ``blockdrop.inference.evaluate`` does.
+    dataset's annotations, exactly as ``blockdrop.tad.inference.evaluate`` does.
     """
 
     stack_path = "backbone.blocks"
@@ -91,9 +91,9 @@ class DetectorTarget:
                 for i, (segs, scores, labels) in enumerate(detections)]
 
     def score(self, predictions: list) -> dict:
-        from blockdrop.evaluation import detection_map
-        from blockdrop.inference import postprocess_config
-        from blockdrop.postprocess import detections_to_results, postprocess_video
+        from blockdrop.tad.evaluation import detection_map
+        from blockdrop.tad.inference import postprocess_config
+        from blockdrop.tad.postprocess import detections_to_results, postprocess_video
 
         windows = defaultdict(list)
         for video_id, segs, scores, labels, start in predictions:

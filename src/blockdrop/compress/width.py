@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from blockdrop.errors import BlockdropError
-from blockdrop.measure import count_macs
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.measure import count_macs
 from blockdrop.models.vit import Attention, Mlp
 
 IMPORTANCES = ("l2", "l1", "random")
@@ -193,7 +193,7 @@ def prune_to_macs(backbone: nn.Module, target_macs: int, example_input, *, impor
                   round_to: int | None = 8, tolerance: float = 0.01) -> WidthResult:
     """Width-prune `backbone` in place, uniformly over blocks, until it costs ~`target_macs`.
 
-    MACs are operator-level (`blockdrop.measure.count_macs`) at `example_input`. Every block loses
+    MACs are operator-level (`blockdrop.core.measure.count_macs`) at `example_input`. Every block loses
     the same number of whole heads and the same number of MLP channels. A block's MACs are affine
     in its head count and, separately, in its MLP width, so two probe prunings (one head off; 50%
     of the MLP off) give the whole cost surface. We take the head count that keeps the head

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from blockdrop.errors import AnnotationError
-from blockdrop.fileio import atomic_path
+from blockdrop.core.errors import AnnotationError
+from blockdrop.core.fileio import atomic_path
 
 # An end this far past the duration is float noise (fps rounding), clipped without a note.
 OVERSHOOT_TOLERANCE_S = 1e-3

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from blockdrop.data.annotations import Annotations
 from blockdrop.data.windows import crop_segments, random_truncation, seconds_to_steps, sliding_windows
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 
 def _video_targets(annotations: Annotations, video_id: str, rate: float):

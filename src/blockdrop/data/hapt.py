@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blockdrop.fileio import check_output_folder, staged_folder
-from blockdrop.errors import DataError
+from blockdrop.core.fileio import check_output_folder, staged_folder
+from blockdrop.core.errors import DataError
 
 RATE = 50.0  # samples per second
 CLASSES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "laying",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 
 def _open(path: Path, mmap: bool) -> np.ndarray:

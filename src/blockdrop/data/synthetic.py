@@ -23,8 +23,8 @@ import numpy as np
 
 from blockdrop.data.synthetic_scene import render_video
 from blockdrop.data.video import write_video
-from blockdrop.fileio import atomic_write_text, check_output_folder, staged_folder
-from blockdrop.errors import ConfigError
+from blockdrop.core.fileio import atomic_write_text, check_output_folder, staged_folder
+from blockdrop.core.errors import ConfigError
 
 CLASSES = ("blink", "bounce", "grow", "orbit", "rotate", "slide")
 _SPLIT_SEED = 1_000_003  # second SeedSequence word for the subset shuffle, apart from video indices

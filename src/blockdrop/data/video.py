@@ -24,8 +24,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from blockdrop.errors import DataError
-from blockdrop.fileio import atomic_path
+from blockdrop.core.errors import DataError
+from blockdrop.core.fileio import atomic_path
 
 # Frame times and output times are compared with this slack (seconds), far below any frame period,
 # so that 30 / 25 and a frame stamped 1.2 s are treated as equal despite float rounding.

@@ -8,7 +8,7 @@ features (B, C, T) + mask (B, T)
   -> per point: class logits (K), offsets (left, right) >= 0 in units of the level stride.
 
 Points, assignment and decoding live in ``points.py``; layers in ``actionformer_layers.py``;
-the losses in ``losses.py``. NMS is not done here (see ``blockdrop.postprocess``).
+the losses in ``losses.py``. NMS is not done here (see ``blockdrop.tad.postprocess``).
 Everything the head returns is in *feature steps* (see docs/architecture.md).
 """
 
@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .actionformer_layers import (ChannelLayerNorm, MaskedConv1d, Scale, TransformerBlock,
+from blockdrop.core.errors import ConfigError
+from blockdrop.models.actionformer_layers import (ChannelLayerNorm, MaskedConv1d, Scale, TransformerBlock,
                                   mask_steps, resize_embedding, sinusoid_embedding, zero_biases)
-from .losses import diou_loss, sigmoid_focal_loss
-from .points import (assign_points, decode_offsets, default_regression_ranges, make_points,
+from blockdrop.models.losses import diou_loss, sigmoid_focal_loss
+from blockdrop.models.points import (assign_points, decode_offsets, default_regression_ranges, make_points,
                      offsets_as_segments, select_candidates)
 
 

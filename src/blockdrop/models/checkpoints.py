@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blockdrop.errors import CheckpointError
+from blockdrop.core.errors import CheckpointError
 from blockdrop.models.tokenizers import TubeletEmbed, sinusoid_table
 from blockdrop.models.vit import ClipVideoBackbone, VisionTransformer
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .actionformer import HeadOutput, pad_to_multiple
+from blockdrop.models.actionformer import HeadOutput, pad_to_multiple
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blockdrop.errors import ConfigError
+from blockdrop.core.errors import ConfigError
 from blockdrop.models.tokenizers import FramePatchEmbed, SequencePatchEmbed, TubeletEmbed
 
 # depth, width, heads

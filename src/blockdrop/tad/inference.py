@@ -14,9 +14,9 @@ from torch import nn
 
 from blockdrop.data.annotations import Annotations
 from blockdrop.data.dataset import TADDataset, collate_windows
-from blockdrop.evaluation import detection_map
-from blockdrop.experiment import EvalConfig
-from blockdrop.postprocess import PostprocessConfig, detections_to_results, postprocess_video
+from blockdrop.tad.evaluation import detection_map
+from blockdrop.core.schema import EvalConfig
+from blockdrop.tad.postprocess import PostprocessConfig, detections_to_results, postprocess_video
 
 
 def postprocess_config(cfg: EvalConfig) -> PostprocessConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blockdrop.errors import AnnotationError, BlockdropError, DataError
+from blockdrop.core.errors import AnnotationError, BlockdropError, DataError
 
 THUMOS_TIOU = (0.3, 0.4, 0.5, 0.6, 0.7)
 ACTIVITYNET_TIOU = tuple(round(0.5 + 0.05 * i, 10) for i in range(10))

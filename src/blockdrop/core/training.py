@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from blockdrop import distributed as dist
-from blockdrop.experiment import TrainConfig
-from blockdrop.fileio import atomic_path
+from blockdrop.core import distributed as dist
+from blockdrop.core.schema import TrainConfig
+from blockdrop.core.fileio import atomic_path
 
 LossFn = Callable[[nn.Module, dict], dict]
 EvalFn = Callable[[nn.Module], dict]

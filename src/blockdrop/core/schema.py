@@ -1,6 +1,6 @@
 """The experiment schema: what a `blockdrop train` / `eval` YAML file may say.
 
-Each section is a frozen dataclass; ``blockdrop.config.load_config`` rejects unknown
+Each section is a frozen dataclass; ``blockdrop.core.config.load_config`` rejects unknown
 keys by name. Values are checked here once (``__post_init__``), so the rest of the
 code can trust them.
 """

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from blockdrop import distributed as dist
-from blockdrop.build import (build_detector, build_from_builder, data_fingerprint, detector_builder, input_channels,
+from blockdrop.core import distributed as dist
+from blockdrop.recipes.build import (build_detector, build_from_builder, data_fingerprint, detector_builder, input_channels,
                              load_experiment_annotations, make_dataset, make_source, software_versions,
                              split_annotations)
-from blockdrop.config import save_config
+from blockdrop.core.config import save_config
 from blockdrop.data.dataset import collate_windows
-from blockdrop.fileio import atomic_write_text
-from blockdrop.errors import ConfigError
-from blockdrop.experiment import ExperimentConfig
-from blockdrop.inference import evaluate
-from blockdrop.train import fit, make_loader, seed_everything
+from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.errors import ConfigError
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.tad.inference import evaluate
+from blockdrop.core.training import fit, make_loader, seed_everything
 
 MODEL_FILE = "model.safetensors"
 
@@ -122,7 +122,7 @@ def load_detector(path: str | Path):
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset: str | None = None,
                         predictions_out: str | Path | None = None) -> dict:
     """Score a saved detector on one subset (default: the config's test subset)."""
-    from blockdrop.postprocess import save_results
+    from blockdrop.tad.postprocess import save_results
 
     model, builder = load_detector(checkpoint)
     model.to(dist.init_from_env())  # the GPU when there is one (this process's under torchrun)
@@ -151,8 +151,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
 def measure_detector(model, cfg: ExperimentConfig, channels: int) -> dict:
     """Cost of one test window (batch 1): operator-level GMACs (all, backbone), params, and the
     latency on the model's device (CPU: with ``compress.latency_threads`` threads)."""
-    from blockdrop.build import example_window
-    from blockdrop.measure import count_macs, count_params, measure_latency
+    from blockdrop.recipes.build import example_window
+    from blockdrop.core.measure import count_macs, count_params, measure_latency
 
     device = dist.model_device(model)
     inputs, mask = (t.to(device) for t in example_window(cfg, channels))
@@ -230,7 +230,7 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     history = progressive_block_drop(setup, cfg.compress, out, resume=resume, select_metric=cfg.eval.select_metric,
                                      log=log)
     if dist.is_main():
-        from blockdrop.report import write_report
+        from blockdrop.recipes.report import write_report
 
         log(f"report: {', '.join(str(p) for p in write_report(out))}")
     return history

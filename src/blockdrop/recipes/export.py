@@ -14,7 +14,7 @@ needed. The exported graph maps one batch of windows to the head's raw per-point
 A point's segment is ``(t - left * stride, t + right * stride) * feature_stride`` input steps;
 ``feature_stride`` and the class names are written next to the graph (``<out>.json``), so a
 deployment needs only those two files. Decoding, NMS and window merging stay in Python
-(`Detector.predict`, `blockdrop.postprocess`): they are data-dependent and cheap.
+(`Detector.predict`, `blockdrop.tad.postprocess`): they are data-dependent and cheap.
 
 Formats: ``pt2`` (torch.export; load with ``torch.export.load(path).module()``) and ``onnx``
 (torch's dynamo exporter; needs ``pip install 'blockdrop[export-onnx]'``). Shapes are fixed to the
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blockdrop.errors import BlockdropError
-from blockdrop.fileio import atomic_path, atomic_write_text
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.fileio import atomic_path, atomic_write_text
 
 FORMATS = ("pt2", "onnx")
 OUTPUT_NAMES = ("cls_logits", "offsets", "valid", "points")
@@ -61,9 +61,9 @@ class ExportResult:
 
 def _check_window(builder: dict, batch: int):
     """A deterministic, non-trivial window of the model's input shape (random frames or values)."""
-    from blockdrop.build import example_window
-    from blockdrop.config import from_dict
-    from blockdrop.experiment import ExperimentConfig
+    from blockdrop.recipes.build import example_window
+    from blockdrop.core.config import from_dict
+    from blockdrop.core.schema import ExperimentConfig
 
     cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
     zeros, mask = example_window(cfg, builder["in_channels"])
@@ -113,7 +113,7 @@ def _export_onnx(raw: nn.Module, args: tuple, tmp: Path):
 def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2", batch: int = 1,
                     tolerance: float = 1e-4) -> ExportResult:
     """Export ``checkpoint`` (a `train` or `compress` model.safetensors) to ``out``."""
-    from blockdrop.recipes import load_detector
+    from blockdrop.recipes.experiments import load_detector
 
     if fmt not in FORMATS:
         raise BlockdropError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

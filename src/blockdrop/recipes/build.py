@@ -14,8 +14,8 @@ from torch import nn
 
 from blockdrop.data.annotations import Annotations, load_annotations
 from blockdrop.data.dataset import TADDataset
-from blockdrop.errors import ConfigError, DataError
-from blockdrop.experiment import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
+from blockdrop.core.errors import ConfigError, DataError
+from blockdrop.core.schema import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
 
 
 def load_experiment_annotations(data: DataConfig) -> Annotations:
@@ -194,7 +194,7 @@ def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) ->
 
 def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
     """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture."""
-    from blockdrop.config import to_dict
+    from blockdrop.core.config import to_dict
 
     return {"kind": "blockdrop.detector", "config": to_dict(cfg), "classes": list(classes),
             "in_channels": int(in_channels)}
@@ -202,7 +202,7 @@ def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
 
 def build_from_builder(builder: dict) -> nn.Module:
     """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow)."""
-    from blockdrop.config import from_dict
+    from blockdrop.core.config import from_dict
 
     if builder.get("kind") != "blockdrop.detector":
         raise ConfigError(f"unknown model builder kind {builder.get('kind')!r}")

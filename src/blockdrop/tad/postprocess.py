@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blockdrop.errors import BlockdropError, DataError
-from blockdrop.fileio import atomic_path
+from blockdrop.core.errors import BlockdropError, DataError
+from blockdrop.core.fileio import atomic_path
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # segments (N, 2), scores (N,), labels (N,)
 

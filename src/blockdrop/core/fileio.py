@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from blockdrop.errors import DataError
+from blockdrop.core.errors import DataError
 
 
 @contextlib.contextmanager

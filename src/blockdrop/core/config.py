@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from blockdrop.errors import ConfigError
+from blockdrop.core.errors import ConfigError
 
 T = TypeVar("T")
 

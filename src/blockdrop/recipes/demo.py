@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from blockdrop.config import load_config
-from blockdrop.experiment import ExperimentConfig
+from blockdrop.core.config import load_config
+from blockdrop.core.schema import ExperimentConfig
 
 
 def demo_config(out: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -23,7 +23,7 @@ def demo_config(out: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
 
 def run_demo(out: str | Path = "blockdrop-demo", overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
     from blockdrop.data.hapt import convert_hapt
-    from blockdrop.recipes import MODEL_FILE, compress_experiment, evaluate_checkpoint, train_experiment
+    from blockdrop.recipes.experiments import MODEL_FILE, compress_experiment, evaluate_checkpoint, train_experiment
 
     out = Path(out)
     cfg = demo_config(out, overrides)

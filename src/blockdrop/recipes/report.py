@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from blockdrop.errors import BlockdropError
-from blockdrop.fileio import atomic_path, atomic_write_text
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.fileio import atomic_path, atomic_write_text
 
 LOSS_ORDER = ("loss/feature", "loss/cls_kd", "loss/reg_kd", "loss/gt", "loss/total")
 

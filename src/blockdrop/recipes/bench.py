@@ -17,7 +17,7 @@ import statistics
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from blockdrop.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def model_cost(model: nn.Module, *inputs) -> dict:
     """gmacs (operator level), linear_gmacs and params of one forward; counted on `meta` from shapes."""
-    from blockdrop.measure import count_macs, count_params
+    from blockdrop.core.measure import count_macs, count_params
 
     meta = copy.deepcopy(model).to("meta")
     macs = count_macs(meta, *(x.to("meta") for x in inputs))
@@ -54,7 +54,7 @@ def measure_interleaved(variants: dict, inputs: tuple, *, rounds: int = 5, threa
     one variant later each round so no variant is always first. Per variant: latency_ms = median
     of the round medians, iqr_ms = their interquartile range, rounds_ms = the round medians.
     """
-    from blockdrop.measure import measure_latency
+    from blockdrop.core.measure import measure_latency
 
     names = list(variants)
     per_round = {name: [] for name in names}
@@ -221,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise BlockdropError(f"--threads {args.threads}: must be at least 1")
     torch.manual_seed(0)
-    from blockdrop.build import build_detector, example_window
+    from blockdrop.recipes.build import build_detector, example_window
 
     detector = build_detector(cfg, _num_classes(cfg, args.classes), in_channels).eval()
     depth = len(detector.backbone.blocks)
