@@ -15,7 +15,6 @@ channel order and horizontal flip, which keep every synthetic class valid).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdrop.recipes.build import build_backbone, load_experiment_annotations, make_source, split_annotations
-from blockdrop.cli import resolve_config_path
+from blockdrop.recipes.build import resolve_config_path
 from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
 
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return classifier(backbone(x).mean(-1))  # (B, C, T) -> mean over time -> classes
 
     print(f"{'step':>6} {'train loss':>10} {'val acc':>8} {'majority':>8} {'time s':>7}")
-    start, best, rows = time.perf_counter(), 0.0, []
+    start, best, rows, loss = time.perf_counter(), 0.0, [], None
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
             backbone.eval()
@@ -123,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
     command = f"python {shlex.join(sys.argv)}"
     if args.name:
-        from blockdrop.core.fileio import atomic_write_text
+        from blockdrop.core.fileio import write_json
 
         record = {"name": args.name, "majority": majority, "best_val_accuracy": best, "steps": args.steps,
                   "rows": rows, "wall_time_s": round(time.perf_counter() - start, 1), "command": command}
-        atomic_write_text(Path(__file__).parent / "results" / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+        write_json(Path(__file__).parent / "results" / f"{args.name}.json", record)
     print(f"summary: best validation clip accuracy {best:.3f} vs majority {majority:.3f} after {args.steps} steps "
           f"({time.perf_counter() - start:.0f} s); command: {command}")
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -26,7 +25,7 @@ import torch
 
 from blockdrop.recipes.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              load_average, measure_interleaved, model_cost)
-from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.fileio import write_json
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,7 +71,7 @@ def _combo(p: argparse.ArgumentParser, text: str) -> tuple[int, float]:
 
 def build_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], torch.Tensor]:
     torch.manual_seed(args.seed)
-    backbone = ClipVideoBackbone(videomae_vit(args.size, img_size=args.img, num_frames=16), clip_len=16).eval()
+    backbone = ClipVideoBackbone(videomae_vit(args.size, num_frames=16), clip_len=16).eval()
     window = torch.randn(1, 3, args.frames, args.img, args.img)  # (B, 3, T, H, W), already normalised
     clip = window[:, :, :16]  # pruning traces and matches MACs on one clip (cost is linear in clips)
     variants = depth_width_variants(backbone, clip, drops=args.drops, combo=args.combo, importance=args.importance)
@@ -161,7 +160,7 @@ def main(argv=None) -> int:
               "summary": line,
               "variants": [{k: r[k] for k in (*KEYS, "mlp_pruned", "head_pruned") if k in r} for r in rows]}
     json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    write_json(json_path, result)
     plot(rows, png_path, title)
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return 0

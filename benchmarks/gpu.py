@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import sys
@@ -26,7 +25,7 @@ from torch import nn
 
 from blockdrop.recipes.bench import (add_ratios, block_shapes, cpu_name, depth_width_variants, format_table,
                              measure_interleaved, model_cost)
-from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.fileio import write_json
 from blockdrop.models.vit import ClipVideoBackbone, videomae_vit, vit_sizes
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_size(size: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     depth = vit_sizes[size][0]
-    backbone = ClipVideoBackbone(videomae_vit(size, img_size=args.img, num_frames=16), clip_len=16).to(device).eval()
+    backbone = ClipVideoBackbone(videomae_vit(size, num_frames=16), clip_len=16).to(device).eval()
     window = torch.randn(args.batch, 3, args.frames, args.img, args.img, device=device)
     clip = window[:1, :, :16]  # pruning traces and matches MACs on one clip (cost is linear in clips)
     drops = args.drops or DEFAULT_DROPS.get(size, depth // 4)
@@ -94,7 +93,7 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device) -> list[
         models = {v["name"]: v["model"] if dtype is None else Autocast(v["model"], dtype) for v in variants}
         latency = measure_interleaved(models, (window,), rounds=args.rounds, warmup=args.warmup,
                                       min_run_time=args.min_run_time, device=device,
-                                      progress=lambda line: print(f"{size} {dtype_name} {line}", file=sys.stderr))
+                                      progress=lambda line, d=dtype_name: print(f"{size} {d} {line}", file=sys.stderr))
         measured = [{**row, "dtype": dtype_name, **latency[row["name"]]} for row in base]
         add_ratios(measured, measured[0])
         print(f"VideoMAE-{size}, {args.batch}x3x{args.frames}x{args.img}x{args.img}, {dtype_name}")
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
                         "autocast": "bf16/fp16 rows run under torch.autocast('cuda'); weights fp32"},
               "variants": [{k: r[k] for k in ("size", "dtype", *KEYS) if k in r} for r in rows]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -22,24 +22,29 @@ from pathlib import Path
 
 import torch
 
-from blockdrop.cli import resolve_config_path
+from blockdrop.recipes.build import resolve_config_path
 from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
-from blockdrop.core.fileio import atomic_write_text
+from blockdrop.compress.history import History
+from blockdrop.core.fileio import write_json
 from blockdrop.core.measure import measure_latency
-from blockdrop.recipes.experiments import MODEL_FILE, compress_experiment, evaluate_checkpoint, load_detector, train_experiment
+from blockdrop.recipes.build import load_detector
+from blockdrop.recipes.compress import compress_experiment
+from blockdrop.recipes.evaluate import evaluate_checkpoint
+from blockdrop.recipes.runs import MODEL_FILE
+from blockdrop.recipes.train import train_experiment
 
 RESULTS = Path(__file__).parent / "results"
 PAPER = [  # VideoMAE-S + ActionFormer, THUMOS14 (method.md, from a secondary summary of the paper)
     (0, 286.3, 104.9, 70.43), (1, 263.5, 98.4, 71.06), (2, 240.8, 89.8, 71.37), (3, 218.0, 81.2, 70.47),
     (4, 195.2, 73.6, 69.65)]
-VARIANTS = {  # name -> config overrides (on top of compress.max_blocks)
+VARIANTS = {  # name -> config overrides (on top of compress.stopping.max_blocks)
     "main": [],
-    "one_shot": ["compress.one_shot=true"],
-    "gt_only": ["compress.feature_weight=0", "compress.cls_kd_weight=0", "compress.reg_kd_weight=0"],
-    "feature_only": ["compress.cls_kd_weight=0", "compress.reg_kd_weight=0", "compress.gt_weight=0"],
-    "select_loss": ["compress.evaluator=loss"],
-    "select_feature": ["compress.evaluator=feature_mse"],
+    "one_shot": ["compress.strategy=one_shot"],
+    "gt_only": ["compress.alignment.weights={feature: 0, cls_kd: 0, reg_kd: 0, gt: 1}"],
+    "feature_only": ["compress.alignment.weights={feature: 1, cls_kd: 0, reg_kd: 0, gt: 0}"],
+    "select_loss": ["compress.selection.evaluator=loss"],
+    "select_feature": ["compress.selection.evaluator=feature_mse"],
 }
 
 
@@ -50,7 +55,7 @@ def test_scores(cfg, model_path: Path) -> dict:
 
 def run_variant(cfg, name: str, teacher: Path, out: Path, blocks: int) -> dict:
     variant_cfg = load_config(ExperimentConfig, cfg["path"], cfg["overrides"] + VARIANTS[name]
-                              + [f"compress.max_blocks={blocks}"])
+                              + [f"compress.stopping.max_blocks={blocks}"])
     history = compress_experiment(variant_cfg, teacher=teacher, out=out / name, resume=True)
     return {"history": history, "cfg": variant_cfg}
 
@@ -82,12 +87,12 @@ def interleaved_latency(paths: list[Path], cfg, channels: int, rounds: int, thre
 def selection_cost(cfg: ExperimentConfig, teacher: Path) -> dict:
     """The map evaluator at the first step, shared-prefix vs naive, on the same selection batches."""
     from blockdrop.compress.selection import select_block
-    from blockdrop.recipes.experiments import selection_setup
+    from blockdrop.recipes.compress import selection_setup
 
     model, _ = load_detector(teacher)
     target, loader = selection_setup(cfg, model)
-    cached = select_block(model, target, loader, evaluator="map", metric=cfg.compress.selection_metric)
-    naive = select_block(model, target, loader, evaluator="map", metric=cfg.compress.selection_metric, naive=True)
+    cached = select_block(model, target, loader, evaluator="map", metric=cfg.compress.selection.block_metric)
+    naive = select_block(model, target, loader, evaluator="map", metric=cfg.compress.selection.block_metric, naive=True)
     return {"cached_block_forwards": cached.block_forwards, "naive_block_forwards": naive.block_forwards,
             "cached_wall_time_s": round(cached.wall_time_s, 2), "naive_wall_time_s": round(naive.wall_time_s, 2),
             "same_choice": cached.chosen_original == naive.chosen_original,
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_config_path(args.config)
     spec = {"path": path, "overrides": args.set}
-    cfg = load_config(ExperimentConfig, path, args.set + [f"compress.max_blocks={args.blocks}"])
+    cfg = load_config(ExperimentConfig, path, args.set + [f"compress.stopping.max_blocks={args.blocks}"])
     out = args.out or Path("runs") / args.name
     if args.report:
         report(args, cfg, out, finished_runs(spec, out, args.blocks, cfg))
@@ -125,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             done[name] = run_variant(spec, name, args.teacher, out, args.blocks)
         elif name == "scratch":
             teacher_cfg = load_config(ExperimentConfig, path, args.set)
-            done[name] = run_scratch(spec, teacher_cfg, out, args.blocks, cfg.compress.train.epochs)
+            done[name] = run_scratch(spec, teacher_cfg, out, args.blocks, cfg.compress.alignment.train.epochs)
         elif name == "selection_cost":
             done[name] = selection_cost(cfg, args.teacher)
-            atomic_write_text(out / "selection_cost.json", json.dumps(done[name], indent=2))
+            write_json(out / "selection_cost.json", done[name])
         else:
             parser.error(f"--only: unknown variant {name!r}")
         print(f"{name}: finished in {time.perf_counter() - start:.0f} s")
@@ -144,15 +149,15 @@ def finished_runs(spec, out: Path, blocks: int, cfg: ExperimentConfig) -> dict:
     for name in VARIANTS:
         path = out / name / "history.json"
         if path.exists():
-            history = json.loads(path.read_text())
-            if history.get("stopped") and (out / name / MODEL_FILE).exists():
-                overrides = spec["overrides"] + VARIANTS[name] + [f"compress.max_blocks={blocks}"]
+            history = History.load(path)
+            if history.stopped and (out / name / MODEL_FILE).exists():
+                overrides = spec["overrides"] + VARIANTS[name] + [f"compress.stopping.max_blocks={blocks}"]
                 done[name] = {"history": history, "cfg": load_config(ExperimentConfig, spec["path"], overrides)}
     summary = out / "scratch" / "summary.json"
     if summary.exists():
         teacher_cfg = load_config(ExperimentConfig, spec["path"], spec["overrides"])
         depth = teacher_cfg.backbone.depth - blocks
-        epochs = teacher_cfg.train.epochs + blocks * cfg.compress.train.epochs
+        epochs = teacher_cfg.train.epochs + blocks * cfg.compress.alignment.train.epochs
         scratch_cfg = load_config(ExperimentConfig, spec["path"], spec["overrides"] + [
             f"backbone.depth={depth}", f"train.epochs={epochs}"])
         done["scratch"] = {"cfg": scratch_cfg, "depth": depth, "epochs": epochs}
@@ -164,34 +169,36 @@ def finished_runs(spec, out: Path, blocks: int, cfg: ExperimentConfig) -> dict:
 def report(args, cfg: ExperimentConfig, out: Path, done: dict) -> None:
     main_history = done["main"]["history"]
     channels = load_detector(args.teacher)[1]["in_channels"]
-    step_paths = [args.teacher] + [out / "main" / f"step_{s['step']:02d}" / MODEL_FILE for s in main_history["steps"]]
+    step_paths = [args.teacher] + [out / "main" / f"step_{s.step:02d}" / MODEL_FILE for s in main_history.steps]
     latencies = interleaved_latency(step_paths, cfg, channels, args.rounds, cfg.compress.latency_threads)
-    teacher = {"blocks": len(main_history["teacher"]["kept_blocks"]), "gmacs": main_history["teacher"]["gmacs"],
-               "backbone_gmacs": main_history["teacher"]["backbone_gmacs"], **latencies[0],
+    teacher_cost = main_history.teacher.cost
+    teacher = {"blocks": len(main_history.teacher.kept_blocks), "gmacs": teacher_cost.gmacs,
+               "backbone_gmacs": teacher_cost.extra.get("backbone_gmacs"), **latencies[0],
                **test_scores(cfg, args.teacher)}
     steps = []
-    for s, path, lat in zip(main_history["steps"], step_paths[1:], latencies[1:]):
-        steps.append({"blocks_dropped": s["blocks_dropped"], "dropped_original": s["dropped_original"],
-                      "gmacs": s["gmacs"], "backbone_gmacs": s["backbone_gmacs"], **lat,
-                      "val_" + cfg.eval.select_metric: s["val"][cfg.eval.select_metric],
-                      "selection_scores": s["selection"]["scores"], **test_scores(cfg, path)})
+    metric = cfg.eval.best_epoch_metric
+    for s, path, lat in zip(main_history.steps, step_paths[1:], latencies[1:]):
+        steps.append({"blocks_dropped": s.blocks_dropped, "dropped_original": s.dropped_original,
+                      "gmacs": s.cost.gmacs, "backbone_gmacs": s.cost.extra.get("backbone_gmacs"), **lat,
+                      "val_" + metric: s.val[metric], "val_before_" + metric: (s.align.val_before or {}).get(metric),
+                      "selection_scores": {str(k): v for k, v in s.selection.scores.items()},
+                      "timings": s.timings, **test_scores(cfg, path)})
     ablations = {}
     for name in VARIANTS:
         if name != "main" and name in done:
             h = done[name]["history"]
-            ablations[name] = {"blocks_dropped": h["steps"][-1]["blocks_dropped"] if h["steps"] else 0,
-                               "dropped_original": [d for s in h["steps"] for d in s["dropped_original"]],
+            ablations[name] = {"blocks_dropped": h.blocks_dropped, "dropped_original": h.dropped_original,
                                **test_scores(cfg, out / name / MODEL_FILE)}
     if "scratch" in done:
         ablations["scratch"] = {"blocks": done["scratch"]["depth"], "epochs": done["scratch"]["epochs"],
                                 **test_scores(done["scratch"]["cfg"], out / "scratch" / MODEL_FILE)}
     record = {"name": args.name, "teacher": teacher, "steps": steps, "ablations": ablations,
-              "selection_cost": done.get("selection_cost"), "stopped": main_history["stopped"],
+              "selection_cost": done.get("selection_cost"), "stopped": main_history.stopped,
               "not_run": [n for n in [*VARIANTS, "scratch", "selection_cost"] if n not in done],
               "device": f"CPU ({platform.machine()}), latency with {cfg.compress.latency_threads} threads",
               "command": "python benchmarks/pbd.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+    write_json(RESULTS / f"{args.name}.json", record)
     print(format_report(record))
 
 

@@ -22,12 +22,15 @@ import torch
 
 from blockdrop.recipes.build import (data_fingerprint, example_window, input_channels, load_experiment_annotations,
                              make_source, software_versions)
-from blockdrop.cli import resolve_config_path
+from blockdrop.recipes.build import resolve_config_path
 from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
-from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.fileio import write_json
 from blockdrop.core.measure import count_macs, count_params
-from blockdrop.recipes.experiments import MODEL_FILE, evaluate_checkpoint, load_detector, train_experiment
+from blockdrop.recipes.build import load_detector
+from blockdrop.recipes.evaluate import evaluate_checkpoint
+from blockdrop.recipes.runs import MODEL_FILE
+from blockdrop.recipes.train import train_experiment
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/teacher.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+    write_json(RESULTS / f"{args.name}.json", record)
     keys = [k for k in record if k.startswith("mAP@")] + ["average_mAP"]
     print("| " + " | ".join(["model", "blocks", "GMACs"] + keys) + " |")
     print("|" + "---|" * (3 + len(keys)))

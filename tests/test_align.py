@@ -1,4 +1,4 @@
-"""compress.align: the alignment losses, the StudentRunner under DDP, and align() end to end.
+"""compress.align: the alignment losses, the TargetForward under DDP, and align() end to end.
 
 References are independent of the code under test: torch.distributions' KL divergences for the
 class distillation, a DIoU worked out by hand, and models whose blocks are exact identities so
@@ -6,6 +6,7 @@ that the right original-index pairing gives exactly zero while a positional one 
 """
 
 import copy
+import json
 
 import peft  # noqa: F401  (imported at collection: add_lora imports it lazily, which is slow once)
 import pytest
@@ -13,10 +14,11 @@ import torch
 from torch.distributions import Bernoulli, Categorical, kl_divergence
 from torch.nn.parallel import DistributedDataParallel
 
-from blockdrop.compress.align import AlignLoss, StudentRunner, align, class_kd, feature_loss, segment_kd
+from blockdrop.compress.align import AlignLoss, align, feature_loss
 from blockdrop.compress.lora import add_lora, lora_layers
 from blockdrop.compress.stack import drop_blocks, drop_original, kept_blocks
-from blockdrop.compress.target import DetectorTarget, run_blocks
+from blockdrop.compress.target import TargetForward, run_blocks
+from blockdrop.tad.target import DetectorTarget, class_kd, segment_kd
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.schema import TrainConfig
 from blockdrop.models import vit
@@ -27,8 +29,9 @@ from blockdrop.core.training import make_loader
 from conftest import make_sequence_dataset
 
 torch.set_num_threads(1)
-FEATURE_ONLY = {"feature": 1.0, "cls_kd": 0.0, "reg_kd": 0.0, "gt": 0.0}
-NO_HEAD = {"feature": 1.0, "cls_kd": 0.0, "reg_kd": 0.0, "gt": 1.0}  # for VitTarget, which has no detection head
+FEATURE_ONLY = {"feature": 1.0, "gt": 0.0}  # VitTarget's terms: the engine's feature term and its task loss
+DETECTOR_FEATURE_ONLY = {"feature": 1.0, "cls_kd": 0.0, "reg_kd": 0.0, "gt": 0.0}
+NO_HEAD = {"feature": 1.0, "gt": 1.0}
 
 
 # ---- a plain ViT with its own minimal target -----------------------------------------------------
@@ -37,18 +40,23 @@ class VitTarget:
     """CompressionTarget for a bare sequence ViT regressing y from its pooled features."""
 
     stack_path = "blocks"
+    trainable = ()
+    distill_terms = ()  # no output term: only the engine's feature term and the task loss
 
     def embed(self, model, batch):
         return model.embed(batch["x"])
 
+    def call_block(self, block, tokens, ctx):
+        return block(tokens)
+
     def finish(self, model, tokens, ctx, batch):
         return model.pool(tokens, ctx).mean(-1)  # (B, C)
 
+    def distill(self, student, s_out, teacher, t_out, batch, weights):
+        return {}
+
     def task_loss(self, model, output, batch):
         return {"total": (output - batch["y"]).pow(2).mean()}
-
-    def align_outputs(self, model, output, batch):
-        raise AssertionError("not used with cls_kd/reg_kd weights 0")
 
 
 def tiny_vit(depth: int = 5, identity=()) -> vit.VisionTransformer:
@@ -56,7 +64,7 @@ def tiny_vit(depth: int = 5, identity=()) -> vit.VisionTransformer:
     torch.manual_seed(0)
     model = vit.sequence_vit(3, 2, depth=depth, width=16, heads=2)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim > 1:
                 p.normal_(0, 0.3)
         for i in identity:  # x + attn(...) * 0 + mlp(...) * 0 == x
@@ -180,14 +188,15 @@ def detector_batch(num_classes: int = 3) -> dict:
 
 @pytest.mark.parametrize("num_classes,cls_kd", [(3, "auto"), (1, "auto"), (3, "sigmoid")])
 def test_every_alignment_term_is_zero_when_the_student_is_the_teacher(num_classes, cls_kd):
-    teacher, batch, target = tiny_detector(num_classes), detector_batch(num_classes), DetectorTarget(None, None)
+    teacher, batch = tiny_detector(num_classes), detector_batch(num_classes)
+    target = DetectorTarget(None, None, cls_kd=cls_kd)
     student = copy.deepcopy(teacher).eval()
     with torch.no_grad():
-        losses = AlignLoss(teacher, target, cls_kd=cls_kd)(student, batch)
+        losses = AlignLoss(teacher, target)(student, batch)
     assert set(losses) == {"feature", "cls_kd", "reg_kd", "gt", "total"}
     for term in ("feature", "cls_kd", "reg_kd"):
         assert float(losses[term]) == 0.0, term
-    aligned = target.align_outputs(student, run_blocks(student, target, batch), batch)
+    aligned = target.head_outputs(student, run_blocks(student, target, batch), batch)
     assert aligned["positive"].sum() > 0 and not aligned["valid"].all()  # the terms were not vacuous
     assert float(losses["gt"]) == pytest.approx(float(teacher.losses(batch)["total"]), rel=1e-6)
     assert float(losses["total"]) == pytest.approx(float(losses["gt"]), rel=1e-6)
@@ -212,17 +221,17 @@ def test_weights_scale_and_skip_terms_and_only_the_student_gets_gradients():
 
 def test_bad_settings_name_the_setting():
     teacher, target = tiny_vit(depth=2), VitTarget()
-    with pytest.raises(BlockdropError, match=r"unknown alignment loss weights \['featur'\]"):
-        AlignLoss(teacher, target, weights={"featur": 1.0})
+    with pytest.raises(BlockdropError, match=r"unknown loss terms \['cls_kd', 'featur'\]; VitTarget has \['feature', 'gt'\]"):
+        AlignLoss(teacher, target, weights={"featur": 1.0, "cls_kd": 1.0})
     with pytest.raises(BlockdropError, match="not all 0"):
         AlignLoss(teacher, target, weights={k: 0 for k in FEATURE_ONLY})
     with pytest.raises(BlockdropError, match="temperature"):
-        AlignLoss(teacher, target, temperature=0)
+        DetectorTarget(None, None, temperature=0)
     with pytest.raises(BlockdropError, match="cls_kd"):
-        AlignLoss(teacher, target, cls_kd="kl")
+        DetectorTarget(None, None, cls_kd="kl")
 
 
-def test_the_student_runner_trains_through_ddp(tmp_path):
+def test_the_target_forward_trains_through_ddp(tmp_path):
     teacher, target, batch = tiny_vit(depth=3), VitTarget(), vit_batch()
     student = copy.deepcopy(teacher)
     drop_blocks(student, [1])
@@ -230,15 +239,15 @@ def test_the_student_runner_trains_through_ddp(tmp_path):
     loss_fn = AlignLoss(teacher, target, weights=NO_HEAD)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        ddp = DistributedDataParallel(StudentRunner(student), find_unused_parameters=True)
+        ddp = DistributedDataParallel(TargetForward(student, target), find_unused_parameters=True)
         calls = []  # DDP synchronises gradients only for what runs through its own forward
         ddp.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
         for _ in range(2):
             ddp.zero_grad()
             loss_fn(ddp, batch)["total"].backward()
-        assert calls == [3, 3]  # (batch, target, return_blocks)
+        assert calls == [2, 2]  # (batch, return_blocks)
         assert all(p.grad is not None for n, p in student.named_parameters() if "lora_A" in n)
-        with pytest.raises(BlockdropError, match="StudentRunner"):
+        with pytest.raises(BlockdropError, match="TargetForward"):
             loss_fn(DistributedDataParallel(copy.deepcopy(student)), batch)
     finally:
         torch.distributed.destroy_process_group()
@@ -272,7 +281,7 @@ def test_align_merges_the_weights_selected_on_validation_with_ema(tmp_path):
     student = copy.deepcopy(teacher)
     drop_blocks(student, [2])
     merged, result = align(student, teacher, target, loader, cfg, weights=NO_HEAD, evaluate_fn=evaluate,
-                           select_metric="score", out_dir=tmp_path, progress=False)
+                           metric="score", score_unaligned=False, out_dir=tmp_path, progress=False)
     assert merged is student and not lora_layers(merged) and result.best_epoch == 2
     with torch.no_grad():
         out = merged.eval()(batch["x"])
@@ -282,15 +291,49 @@ def test_align_merges_the_weights_selected_on_validation_with_ema(tmp_path):
     again = copy.deepcopy(teacher)
     drop_blocks(again, [2])
     merged_again, _ = align(again, teacher, target, loader, cfg, weights=NO_HEAD, evaluate_fn=evaluate,
-                            select_metric="score", out_dir=tmp_path, resume=True, progress=False)
+                            metric="score", score_unaligned=False, out_dir=tmp_path, resume=True, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(merged_again.eval()(batch["x"]), out, atol=1e-6, rtol=1e-6)
+
+
+def test_a_step_never_returns_a_model_worse_than_the_unaligned_student(tmp_path):
+    """With the unaligned student scored as epoch 0, training that only makes validation worse
+    hands back the unaligned student (LoRA B = 0 merges to no change), and says so."""
+    teacher, target, batch = tiny_vit(depth=4), VitTarget(), vit_batch()
+    student = copy.deepcopy(teacher)
+    drop_blocks(student, [2])
+    with torch.no_grad():
+        unaligned = copy.deepcopy(student).eval()(batch["x"])
+    calls = []
+
+    def evaluate(model):  # every trained epoch scores below the untrained student
+        calls.append(1)
+        return {"score": 0.0 if len(calls) == 1 else -1.0}
+
+    cfg = TrainConfig(epochs=2, lr=3e-2, warmup_epochs=0, ema_decay=0.0)
+    merged, result = align(student, teacher, target, make_loader(VitData(), 4, shuffle=True), cfg, weights=NO_HEAD,
+                           evaluate_fn=evaluate, metric="score", out_dir=tmp_path, progress=False)
+    assert len(calls) == 3 and result.best_epoch == 0 and result.initial == {"score": 0.0}
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(batch["x"]), unaligned, atol=1e-6, rtol=1e-6)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_align_trains_on_a_plain_list_of_batches():
+    teacher, target = tiny_vit(depth=3), VitTarget()
+    student = copy.deepcopy(teacher)
+    drop_blocks(student, [1])
+    batches = [vit_batch(4, seed=s) for s in range(3)]  # no DataLoader: no sampler, no dataset
+    merged, result = align(student, teacher, target, batches, TrainConfig(epochs=1, warmup_epochs=0, ema_decay=0.0),
+                           weights=NO_HEAD, progress=False)
+    assert result.epochs_run == 1 and len(result.history) == 1 and not lora_layers(merged)
 
 
 def test_align_refuses_a_student_sharing_weights_with_the_teacher():
     teacher = tiny_vit(depth=2)
     with pytest.raises(BlockdropError, match="shares parameters with the teacher"):
-        align(teacher, teacher, VitTarget(), [], TrainConfig(epochs=1))
+        align(teacher, teacher, VitTarget(), [], TrainConfig(epochs=1, warmup_epochs=0))
     assert not lora_layers(teacher)
 
 
@@ -318,7 +361,7 @@ def test_align_a_detector_end_to_end(tmp_path):
     loader = make_loader(train_ds, 2, shuffle=True, collate_fn=collate_windows)
     target = DetectorTarget(train_ds, cfg.eval)
     probe = next(iter(make_loader(train_ds, 8, shuffle=False, collate_fn=collate_windows)))
-    feature = AlignLoss(teacher, target, weights=FEATURE_ONLY)
+    feature = AlignLoss(teacher, target, weights=DETECTOR_FEATURE_ONLY)
 
     student = copy.deepcopy(teacher)
     drop_blocks(student, [1], stack=target.stack_path)

@@ -21,7 +21,7 @@ X = torch.randn(1, 3, 4, 32, 48)  # (B, 3, T, H, W)
 
 def tiny_videomae(seed: int, **kwargs):
     torch.manual_seed(seed)
-    vit = videomae_vit(img_size=(32, 48), num_frames=4, **{**TINY, **kwargs}).eval()
+    vit = videomae_vit(num_frames=4, **{**TINY, **kwargs}).eval()
     with torch.no_grad():  # non-zero q/v biases and norms, so a mix-up shows in the output
         for name, p in vit.named_parameters():
             if p.ndim == 1:

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -78,3 +79,59 @@ def test_video_input_options_are_videomae_only():
         BackboneConfig(kind="sequence", depth=2, width=32, heads=2, input="rgb_diff")
     with pytest.raises(ValueError, match="'spatial_pool'"):
         BackboneConfig(kind="dinov2", size="S", spatial_pool="max")
+
+
+# ---- the compress sections, checked at load time -------------------------------------------------
+
+def test_a_partial_section_keeps_that_sections_defaults():
+    cfg = from_dict(ExperimentConfig, {**MINIMAL, "compress": {"alignment": {"train": {"epochs": 2}}}})
+    train = cfg.compress.alignment.train
+    assert (train.epochs, train.lr, train.warmup_epochs) == (2, 1e-4, 1)  # the alignment's defaults, not TrainConfig's
+    assert cfg.compress.stopping.max_blocks == 1 and cfg.compress.selection.evaluator == "map"
+    weights = from_dict(ExperimentConfig, {**MINIMAL, "compress": {"alignment": {"weights": {"gt": 0}}}})
+    assert weights.compress.alignment.weights == {"gt": 0.0}  # the other terms keep 1.0 (align.resolve_weights)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"compress": {"selection_metric": "mAP@0.5"}},
+     "key 'selection_metric' in section 'compress' has moved to 'compress.selection.block_metric'"),
+    ({"compress": {"train": {"epochs": 2}}}, "has moved to 'compress.alignment.train'"),
+    ({"eval": {"select_metric": "average_mAP"}}, "has moved to 'eval.best_epoch_metric'"),
+    ({"eval": {"best_epoch_metric": "avg_mAP"}},
+     r"'best_epoch_metric' 'avg_mAP' is not a metric the evaluator reports \(average_mAP, mAP@0.3,"),
+    ({"compress": {"selection": {"block_metric": "mAP@0.55"}}},
+     r"compress.selection.block_metric 'mAP@0.55' is not a metric the evaluator reports"),
+    ({"compress": {"selection": {"videos": -1}}}, r"compress.selection: 'videos' must be positive, got -1"),
+    ({"compress": {"latency_threads": 0}}, r"compress: 'latency_threads' must be positive, got 0"),
+    ({"compress": {"alignment": {"lora_rank": 0}}}, r"compress.alignment: 'lora_rank' must be positive"),
+    ({"compress": {"alignment": {"weights": {"gt": -1}}}}, r"'weights' must be numbers >= 0"),
+    ({"compress": {"stopping": {"max_blocks": None}}}, "give 'max_blocks' or 'target_macs_reduction'"),
+    ({"compress": {"strategy": "one_shot", "stopping": {"max_blocks": None, "target_macs_reduction": 0.2}}},
+     "strategy 'one_shot' needs 'stopping.max_blocks'"),
+    ({"train": {"threads": -1}}, r"train: 'threads' must be positive, got -1"),
+    ({"train": {"epochs": 3, "warmup_epochs": 3}}, r"'warmup_epochs' 3 must be below 'epochs' 3"),
+    ({"data": {**MINIMAL["data"], "num_workers": -2}}, r"'num_workers' must be >= 0, got -2"),
+])
+def test_compress_and_run_settings_are_checked_at_load(patch, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ExperimentConfig, {**MINIMAL, **patch}, source="cfg.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compress.alignment.lora_targets=[attn.qkvv]",
+     r"compress.alignment.lora_targets \['attn.qkvv'\]: backbone.blocks.0.attn.qkvv does not exist; the Linear "
+     r"modules of a block in 'backbone.blocks' are attn.qkv, attn.proj, mlp.fc1, mlp.fc2"),
+    ("compress.alignment.trainable=[nrom]", r"compress.alignment.trainable: patterns \['nrom'\] match no parameter"),
+    ("compress.stopping.max_blocks=2", r"compress.stopping.max_blocks 2 must be below the backbone's 2 blocks"),
+    ("compress.alignment.weights.feat=1", r"compress.alignment.weights: unknown loss terms \['feat'\]"),
+    ("compress.alignment.weights={feature: 0, cls_kd: 0, reg_kd: 0, gt: 0}", "not all 0"),
+])
+def test_what_only_the_model_can_check_is_checked_before_anything_runs(tmp_path, capsys, override, message):
+    from blockdrop.cli import main
+    from conftest import tiny_config
+
+    config = tiny_config(tmp_path)
+    assert main(["train", str(config), "--set", override, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert str(config) in err[0] and not (tmp_path / "run").exists()

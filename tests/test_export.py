@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from blockdrop.recipes.build import build_detector, detector_builder
-from blockdrop.cli import main, resolve_config_path
+from blockdrop.cli import main
+from blockdrop.recipes.build import resolve_config_path
 from blockdrop.compress.saving import save_compressed
 from blockdrop.compress.stack import drop_blocks
 from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
 from blockdrop.recipes.export import export_detector
-from blockdrop.recipes.experiments import load_detector
+from blockdrop.recipes.build import load_detector
 
 from conftest import tiny_config
 

@@ -15,7 +15,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from blockdrop.compress.lora import add_lora, lora_layers, merge_lora
 from blockdrop.compress.saving import load_compressed, save_compressed
 from blockdrop.compress.stack import drop_blocks, kept_blocks
-from blockdrop.compress.target import DetectorTarget, run_blocks
+from blockdrop.compress.target import run_blocks
+from blockdrop.tad.target import DetectorTarget
 from blockdrop.core.errors import BlockdropError
 from blockdrop.models import vit
 from blockdrop.models.actionformer import ActionFormerHead
@@ -28,7 +29,7 @@ TARGET = DetectorTarget(dataset=None, eval_cfg=None)  # only stack_path / embed 
 def video_detector(depth: int = 3) -> Detector:
     """ClipVideoBackbone: the target's "backbone.blocks" is registered as backbone.vit.blocks."""
     torch.manual_seed(0)
-    inner = vit.videomae_vit("S", img_size=32, num_frames=4, patch=16, tubelet=2, pos_img_size=32,
+    inner = vit.videomae_vit("S", num_frames=4, patch=16, tubelet=2, pos_img_size=32,
                              depth=depth, width=16, heads=2)
     head = ActionFormerHead(16, 2, max_seq_len=4, embed_dim=16, fpn_dim=16, head_dim=16, num_levels=2,
                             attn_window=3, drop_path=0.0)

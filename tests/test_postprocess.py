@@ -12,7 +12,6 @@ from blockdrop.tad.evaluation import detection_map
 from blockdrop.tad.postprocess import (
     PostprocessConfig,
     detections_to_results,
-    feature_to_input_steps,
     input_steps_to_seconds,
     merge_windows,
     nms,
@@ -147,7 +146,7 @@ def test_windows_merge_then_convert_to_seconds():
     # stride 4 input steps per feature step, 10 input steps per second, windows at 0 and 32.
     w0 = (t([[1, 3], [0, 1]]), t([0.9, 0.0001]), t([0, 1], torch.long), 0)
     w1 = (t([[0, 2], [5, 9]]), t([0.8, 0.7]), t([1, 0], torch.long), 32)
-    windows = [(feature_to_input_steps(s, 4), p, l, start) for s, p, l, start in (w0, w1)]
+    windows = [(s * 4, p, l, start) for s, p, l, start in (w0, w1)]
     segs, scores, labels = merge_windows(windows, min_score=0.001, top_k=1)
     assert segs.tolist() == [[4, 12], [32, 40]] and labels.tolist() == [0, 1]  # floor and top-1 per window
     assert input_steps_to_seconds(segs, 10.0, duration=3.5).tolist() == [[0.4, 1.2], [3.2, 3.5]]
@@ -156,9 +155,9 @@ def test_windows_merge_then_convert_to_seconds():
 
 def test_postprocess_video_and_results_round_trip(tmp_path):
     # Two windows see the same action (frames 40..80 at 10 fps -> 4..8 s); soft-NMS keeps one on top.
-    w0 = (t([[10, 20], [10.5, 20]]), t([0.9, 0.5]), t([0, 0], torch.long), 0)
-    w1 = (t([[0, 10], [30, 40]]), t([0.8, 0.3]), t([0, 1], torch.long), 40)
-    segs, scores, labels = postprocess_video([w0, w1], feature_stride=4, rate=10.0, duration=20.0,
+    w0 = (t([[40, 80], [42, 80]]), t([0.9, 0.5]), t([0, 0], torch.long), 0)
+    w1 = (t([[0, 40], [120, 160]]), t([0.8, 0.3]), t([0, 1], torch.long), 40)
+    segs, scores, labels = postprocess_video([w0, w1], rate=10.0, duration=20.0,
                                              config=PostprocessConfig(voting_threshold=0.0))
     assert segs[0].tolist() == [4.0, 8.0] and scores[0].item() == pytest.approx(0.9)
     assert segs.max() <= 20.0 and len(segs) == 4

@@ -8,20 +8,24 @@ import sys
 import pytest
 import torch
 
-import blockdrop.compress.progressive as progressive
-import blockdrop.recipes.experiments as recipes
+import blockdrop.recipes.compress as recipes
+from blockdrop.compress.history import AlignRecord, Cost, History, SelectionRecord, StepRecord, TeacherRecord
+from blockdrop.compress.rules import OneShot, Progressive, stopping_rules
 from blockdrop.compress.stack import kept_blocks
 from blockdrop.core.config import load_config
-from blockdrop.core.errors import ConfigError
+from blockdrop.core.errors import BlockdropError, ConfigError
 from blockdrop.core.schema import ExperimentConfig
 from blockdrop.cli import main
-from blockdrop.recipes.experiments import compress_experiment, load_detector, train_experiment
+from blockdrop.recipes.build import load_detector
+from blockdrop.recipes.compress import compress_experiment
+from blockdrop.recipes.train import train_experiment
 
 from conftest import free_port, tiny_config
 
-COMPRESS = ["backbone.depth=4", "compress.max_blocks=2", "compress.selection_metric=average_mAP",
-            "compress.train.epochs=2", "compress.train.batch_size=2", "compress.train.eval_every=1",
-            "compress.train.ema_decay=0.5", "compress.latency_threads=1"]
+COMPRESS = ["backbone.depth=4", "compress.stopping.max_blocks=2", "compress.selection.block_metric=average_mAP",
+            "compress.alignment.train.epochs=2", "compress.alignment.train.batch_size=2",
+            "compress.alignment.train.eval_every=1", "compress.alignment.train.ema_decay=0.5",
+            "compress.latency_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +45,35 @@ def _cfg(config, *extra):
 def test_two_steps_drop_two_blocks_and_lower_the_cost(teacher, tmp_path):
     config, teacher_path = teacher
     history = compress_experiment(_cfg(config), teacher=teacher_path, out=tmp_path / "c", progress=False)
-    steps = history["steps"]
-    assert [s["blocks_dropped"] for s in steps] == [1, 2]
-    assert history["teacher"]["kept_blocks"] == [0, 1, 2, 3]
-    assert len(steps[-1]["kept_blocks"]) == 2
-    gmacs = [history["teacher"]["gmacs"]] + [s["gmacs"] for s in steps]
-    params = [history["teacher"]["params"]] + [s["params"] for s in steps]
+    steps = history.steps
+    assert [s.blocks_dropped for s in steps] == [1, 2]
+    assert history.teacher.kept_blocks == [0, 1, 2, 3]
+    assert len(steps[-1].kept_blocks) == 2
+    gmacs = [history.teacher.cost.gmacs] + [s.cost.gmacs for s in steps]
+    params = [history.teacher.cost.params] + [s.cost.params for s in steps]
     assert gmacs[0] > gmacs[1] > gmacs[2] and params[0] > params[1] > params[2]
-    # every candidate's score is recorded, keyed by original index
-    assert set(steps[0]["selection"]["scores"]) == {"0", "1", "2", "3"}
-    assert len(steps[1]["selection"]["scores"]) == 3
+    # every candidate's score is recorded, keyed by original index, and the dropped block is the one
+    # the selection chose (by original index, which a position mix-up would get wrong in step 2)
+    assert set(steps[0].selection.scores) == {0, 1, 2, 3} and len(steps[1].selection.scores) == 3
+    for s in steps:
+        best = max(s.selection.scores, key=lambda k: (s.selection.scores[k], -k))
+        assert s.dropped_original == [s.selection.chosen_original] == [best]
+    assert steps[1].kept_blocks == sorted(set(range(4)) - {steps[0].dropped_original[0], steps[1].dropped_original[0]})
+    # the record holds validation before and after each alignment (epoch 0 = the unaligned student)
+    for s in steps:
+        assert set(s.align.val_before) >= {"average_mAP", "mAP@0.5"} and s.align.epochs[0]["epoch"] == 1
+        assert s.val["average_mAP"] >= s.align.val_before["average_mAP"] - 1e-9
+        assert set(s.timings) == {"selection_s", "align_s", "validate_s", "measure_s"}
     model, _ = load_detector(tmp_path / "c" / "model.safetensors")  # loads without the original
-    assert kept_blocks(model, stack="backbone.blocks") == steps[-1]["kept_blocks"]
-    on_disk = json.loads((tmp_path / "c" / "history.json").read_text())
-    assert on_disk["stopped"] == "dropped max_blocks=2"
+    assert kept_blocks(model, stack="backbone.blocks") == steps[-1].kept_blocks
+    on_disk = History.load(tmp_path / "c" / "history.json")
+    assert on_disk.stopped == "dropped max_blocks=2" and on_disk.to_json() == history.to_json()
     # the run ends with a readable report of the same figures
     report = (tmp_path / "c" / "report.md").read_text()
-    dropped = [s["dropped_original"][0] for s in steps]
+    dropped = [s.dropped_original[0] for s in steps]
     assert f"2 of 4 blocks dropped (50%; original indices {sorted(dropped)})" in report
     assert f"chose original block {dropped[0]}" in report and f"chose original block {dropped[1]}" in report
-    assert f"| step 2 | {dropped[1]} | 2 | {steps[1]['gmacs']:.3f} |" in report
+    assert f"| step 2 | {dropped[1]} | 2 | {steps[1].cost.gmacs:.3f} |" in report
 
 
 def test_resume_after_interruptions_gives_the_same_kept_blocks(teacher, tmp_path, monkeypatch):
@@ -72,7 +85,7 @@ def test_resume_after_interruptions_gives_the_same_kept_blocks(teacher, tmp_path
 
     def flaky_evaluate(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] in (3, 7):  # inside step 1's alignment (epoch 2), then inside step 2
+        if calls["n"] in (4, 9):  # inside step 1's alignment (epoch 2), then inside step 2
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
@@ -85,20 +98,20 @@ def test_resume_after_interruptions_gives_the_same_kept_blocks(teacher, tmp_path
         compress_experiment(_cfg(config), teacher=teacher_path, out=out, resume=True, progress=False)
     assert json.loads((out / "history.json").read_text())["steps"][0]["step"] == 1
     resumed = compress_experiment(_cfg(config), teacher=teacher_path, out=out, resume=True, progress=False)
-    assert resumed["steps"][-1]["kept_blocks"] == reference["steps"][-1]["kept_blocks"]
-    assert [s["dropped_original"] for s in resumed["steps"]] == [s["dropped_original"] for s in reference["steps"]]
+    assert resumed.steps[-1].kept_blocks == reference.steps[-1].kept_blocks
+    assert [s.dropped_original for s in resumed.steps] == [s.dropped_original for s in reference.steps]
 
 
 def test_a_step_that_loses_too_much_accuracy_is_rolled_back(teacher, tmp_path, monkeypatch):
     config, teacher_path = teacher
     scores = iter([60.0] + [10.0] * 50)  # the teacher scores 60 on validation, every student 10
     monkeypatch.setattr(recipes, "evaluate", lambda *a, **k: {"average_mAP": next(scores), "predictions": {}})
-    with pytest.raises(ConfigError, match="no step was kept"):
-        compress_experiment(_cfg(config, "compress.max_accuracy_drop=5"), teacher=teacher_path,
+    with pytest.raises(BlockdropError, match="no step was kept"):
+        compress_experiment(_cfg(config, "compress.stopping.max_accuracy_drop=5"), teacher=teacher_path,
                             out=tmp_path / "rb", progress=False)
-    history = json.loads((tmp_path / "rb" / "history.json").read_text())
-    assert history["steps"] == [] and history["rejected"]["status"] == "rolled_back"
-    assert "rolled back" in history["stopped"] and "max_accuracy_drop=5" in history["stopped"]
+    history = History.load(tmp_path / "rb" / "history.json")
+    assert history.steps == [] and history.rejected.status == "rolled_back"
+    assert "rolled back" in history.stopped and "max_accuracy_drop=5" in history.stopped
     # `blockdrop report` still explains the run that kept nothing
     assert main(["report", str(tmp_path / "rb"), "--no-plot"]) == 0
     report = (tmp_path / "rb" / "report.md").read_text()
@@ -109,23 +122,57 @@ def test_a_step_that_loses_too_much_accuracy_is_rolled_back(teacher, tmp_path, m
 
 def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
     config, teacher_path = teacher
-    history = compress_experiment(_cfg(config, "compress.target_macs_reduction=0.01", "compress.max_blocks=3"),
+    history = compress_experiment(_cfg(config, "compress.stopping.target_macs_reduction=0.01",
+                                       "compress.stopping.max_blocks=3"),
                                   teacher=teacher_path, out=tmp_path / "macs", progress=False)
-    assert len(history["steps"]) == 1 and history["stopped"].startswith("MACs reduced by")
-    one = compress_experiment(_cfg(config, "compress.one_shot=true"), teacher=teacher_path,
+    assert len(history.steps) == 1 and history.stopped.startswith("MACs reduced by")
+    one = compress_experiment(_cfg(config, "compress.strategy=one_shot"), teacher=teacher_path,
                               out=tmp_path / "one", progress=False)
-    assert len(one["steps"]) == 1 and len(one["steps"][0]["dropped_original"]) == 2
-    assert one["steps"][0]["blocks_dropped"] == 2
+    step = one.steps[0]
+    assert len(one.steps) == 1 and step.blocks_dropped == 2 and one.stopped == "one-shot drop of 2 blocks"
+    # the one-shot choice: the two best candidates of the first selection, by original index
+    scores = step.selection.scores
+    ranked = sorted(scores, key=lambda k: (-scores[k], k))
+    assert step.dropped_original == sorted(ranked[:2]) == step.selection.drop
+    assert step.kept_blocks == sorted(ranked[2:])
+    assert len(step.align.epochs) == 4  # the budget of two progressive steps in one alignment
 
 
-def test_stop_reason_rules():
-    class Cfg:
-        max_blocks, target_macs_reduction = 2, None
+def test_previous_step_teacher_runs_through_the_loop(teacher, tmp_path, monkeypatch):
+    """teacher_mode previous: each step aligns to the model it started from (step 2's teacher is
+    step 1's merged model, without the block step 1 dropped), and the loop runs through."""
+    import blockdrop.compress.progressive as progressive
 
-    history = {"teacher": {"gmacs": 10.0, "kept_blocks": [0, 1, 2]}, "steps": [], "stopped": None}
-    assert progressive.stop_reason(Cfg, history) is None
-    history["steps"].append({"blocks_dropped": 2, "gmacs": 6.0, "kept_blocks": [0]})
-    assert progressive.stop_reason(Cfg, history) == "dropped max_blocks=2"
+    config, teacher_path = teacher
+    teachers = []
+    real_align = progressive.align
+
+    def recording_align(student, teacher_model, *args, **kwargs):
+        teachers.append(kept_blocks(teacher_model, stack="backbone.blocks"))
+        return real_align(student, teacher_model, *args, **kwargs)
+
+    monkeypatch.setattr(progressive, "align", recording_align)
+    history = compress_experiment(_cfg(config, "compress.teacher_mode=previous"), teacher=teacher_path,
+                                  out=tmp_path / "prev", progress=False)
+    assert [s.blocks_dropped for s in history.steps] == [1, 2]
+    assert teachers == [[0, 1, 2, 3], history.steps[0].kept_blocks]
+    assert all("loss/feature" in e for s in history.steps for e in s.align.epochs)
+
+
+def test_stopping_rules():
+    history = History(teacher=TeacherRecord(kept_blocks=[0, 1, 2], val={"m": 50.0}, cost=Cost(gmacs=10.0, params=3)),
+                      metric="m")
+    rules = stopping_rules(max_blocks=2, target_macs_reduction=0.3, max_accuracy_drop=1.0, metric="m")
+    assert [r.before(history) for r in rules] == [None, None, None, None]
+    step = StepRecord(step=1, dropped_original=[1], kept_blocks=[0, 2], blocks_dropped=1,
+                      selection=SelectionRecord("score", "m", True, {0: 1.0, 1: 2.0, 2: 0.5}, 1, 1, [1]),
+                      align=AlignRecord(best_epoch=1), val={"m": 48.5}, cost=Cost(gmacs=6.5, params=2))
+    assert [r.reject(history, step) for r in rules][2].startswith("step 1 lost 1.50 validation m points")
+    step.val["m"] = 49.5
+    assert not any(r.reject(history, step) for r in rules)
+    history.steps.append(step)
+    assert [r.before(history) for r in rules] == [None, "MACs reduced by 35.0% >= target 30%", None, None]
+    assert OneShot(2).drop(step.selection) == [0, 1] and Progressive().drop(step.selection) == [1]
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
@@ -156,21 +203,21 @@ def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("stopped: dropped max_blocks=2") == 1  # one table: rank 0 prints
-    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
-    assert history["world_size"] == 2 and history["stopped"] == "dropped max_blocks=2"
-    steps = history["steps"]
-    assert [s["blocks_dropped"] for s in steps] == [1, 2]
-    for s in steps:  # one writer of the alignment's per-epoch metrics
-        lines = (tmp_path / "ddp" / f"step_{s['step']:02d}" / "align" / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    history = History.load(tmp_path / "ddp" / "history.json")
+    assert history.world_size == 2 and history.stopped == "dropped max_blocks=2"
+    steps = history.steps
+    assert [s.blocks_dropped for s in steps] == [1, 2]
+    for s in steps:  # one writer of the alignment's per-epoch metrics (epoch 0: the unaligned student)
+        lines = (tmp_path / "ddp" / f"step_{s.step:02d}" / "align" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
     model, _ = load_detector(tmp_path / "ddp" / "model.safetensors")
-    assert kept_blocks(model, stack="backbone.blocks") == steps[-1]["kept_blocks"]
+    assert kept_blocks(model, stack="backbone.blocks") == steps[-1].kept_blocks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compress_runs_on_the_gpu_when_there_is_one(teacher, tmp_path):
     config, teacher_path = teacher
-    history = compress_experiment(_cfg(config, "compress.max_blocks=1"), teacher=teacher_path,
+    history = compress_experiment(_cfg(config, "compress.stopping.max_blocks=1"), teacher=teacher_path,
                                   out=tmp_path / "gpu", progress=False)
-    assert history["teacher"]["latency_device"].startswith("cuda")
-    assert history["steps"][0]["latency_device"].startswith("cuda")
+    assert history.teacher.cost.latency_device.startswith("cuda")
+    assert history.steps[0].cost.latency_device.startswith("cuda")

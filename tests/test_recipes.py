@@ -15,7 +15,8 @@ from blockdrop.cli import main
 from blockdrop.core.config import load_config
 from blockdrop.data.annotations import load_annotations
 from blockdrop.core.schema import ExperimentConfig
-from blockdrop.recipes.experiments import load_detector, train_experiment
+from blockdrop.recipes.build import load_detector
+from blockdrop.recipes.train import train_experiment
 
 from conftest import free_port, tiny_config
 
@@ -87,16 +88,21 @@ def test_data_fingerprint_tells_changed_media_and_annotations_apart(tmp_path):
 
 
 def test_saved_model_reloads_without_the_config(tmp_path):
+    """The file holds the trained (EMA) weights: the reloaded model equals the EMA state the loop
+    kept in train_state.pt, tensor for tensor, and computes with them."""
     config = tiny_config(tmp_path, epochs=1)
     cfg = load_config(ExperimentConfig, config)
     train_experiment(cfg, progress=False)
     model, builder = load_detector(tmp_path / "run" / "model.safetensors")
     assert builder["classes"] == ["c0", "c1", "c2"] and model.backbone.depth == 2
-    model.eval()
-    x, mask = torch.randn(1, 128, 3), torch.ones(1, 128, dtype=torch.bool)
-    again, _ = load_detector(tmp_path / "run" / "model.safetensors")
-    again.eval()
-    torch.testing.assert_close(model(x, mask).head.cls_logits, again(x, mask).head.cls_logits, rtol=0, atol=0)
+    state = torch.load(tmp_path / "run" / "train_state.pt", map_location="cpu", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    trained = {k: v for k, v in model.state_dict().items()}
+    assert trained.keys() == ema.keys()
+    for key, value in trained.items():  # one epoch: the best epoch is the last, whose EMA was saved
+        assert torch.equal(value, ema[key]), key
+    fresh = build_detector(cfg, 3, 3)  # the same architecture untrained differs: the file is not a fresh model
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_detector_training_is_deterministic(tmp_path):

@@ -51,9 +51,17 @@ class SequentialTarget:
     """CompressionTarget for ToyNet: predict returns outputs, score is the negative MSE."""
 
     stack_path = "blocks"
+    trainable = ()
+    distill_terms = ()
 
     def embed(self, model, batch):
         return model.embed(batch["x"]), None
+
+    def call_block(self, block, tokens, ctx):
+        return block(tokens)
+
+    def distill(self, student, s_out, teacher, t_out, batch, weights):
+        return {}
 
     def finish(self, model, tokens, ctx, batch):
         return model.head(tokens.mean(dim=1))  # (B, 3)
@@ -67,9 +75,6 @@ class SequentialTarget:
     def score(self, predictions):
         outputs, targets = torch.stack([p for p, _ in predictions]), torch.stack([t for _, t in predictions])
         return {"neg_mse": -float((outputs - targets).pow(2).mean())}
-
-    def align_outputs(self, model, output, batch):
-        return {}
 
 
 def full_forward(model, x):
@@ -196,8 +201,10 @@ def test_refusals_name_the_problem():
     batches = toy_batches(model)
     with pytest.raises(BlockdropError, match="evaluator 'mAP'"):
         toy_select(model, batches, "mAP")
-    with pytest.raises(BlockdropError, match="metric 'average_mAP'"):
+    with pytest.raises(BlockdropError, match="needs metric="):
         select_block(model, SequentialTarget(), batches, evaluator="map")
+    with pytest.raises(BlockdropError, match="metric 'average_mAP' is not among the target's scores"):
+        select_block(model, SequentialTarget(), batches, evaluator="map", metric="average_mAP")
     with pytest.raises(BlockdropError, match="no batches"):
         toy_select(model, [], "loss")
     drop_blocks(model, [0])
@@ -210,7 +217,7 @@ def test_refusals_name_the_problem():
 @pytest.fixture(scope="module")
 def detector_setup(tmp_path_factory):
     from blockdrop.recipes.build import build_detector, load_experiment_annotations, make_dataset, make_source
-    from blockdrop.compress.target import DetectorTarget
+    from blockdrop.tad.target import DetectorTarget
     from blockdrop.core.config import from_dict
     from blockdrop.data.dataset import collate_windows
     from blockdrop.core.schema import ExperimentConfig

@@ -201,7 +201,7 @@ def test_detector_with_clip_backbone_finds_nested_blocks():
     from blockdrop.models.actionformer import ActionFormerHead
     from blockdrop.models.detector import Detector
 
-    inner = vit.videomae_vit(img_size=32, num_frames=4, pos_img_size=32, depth=4, width=32, heads=2)
+    inner = vit.videomae_vit(num_frames=4, pos_img_size=32, depth=4, width=32, heads=2)
     detector = Detector(vit.ClipVideoBackbone(inner, clip_len=4),
                         ActionFormerHead(32, 2, max_seq_len=32, embed_dim=16, head_dim=16, num_heads=2))
     assert find_block_stack(detector).path == "backbone.vit.blocks"

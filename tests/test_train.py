@@ -31,7 +31,7 @@ def _run(epochs, out_dir=None, resume=False, seed=0):
     seed_everything(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
     x, y = _toy()
-    cfg = TrainConfig(epochs=epochs, lr=3e-2, warmup_epochs=1, ema_decay=0.9, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=3e-2, warmup_epochs=1, ema_decay=0.5, seed=seed)
     result = fit(model, _loss, _loader(x, y), cfg, out_dir=out_dir, resume=resume, progress=False)
     return model, result
 
@@ -57,7 +57,7 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     seed_everything(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
     x, y = _toy()
-    cfg = TrainConfig(epochs=4, lr=3e-2, warmup_epochs=1, ema_decay=0.9)
+    cfg = TrainConfig(epochs=4, lr=3e-2, warmup_epochs=1, ema_decay=0.5)
     loader = _loader(x, y)
 
     class Stop(Exception):

@@ -46,7 +46,7 @@ def test_videomae_matches_transformers(use_mean_pooling):
                                use_mean_pooling=use_mean_pooling)
     ref = tf.VideoMAEModel(config).eval()
     randomize(ref)
-    vit = videomae_vit(img_size=(48, 64), num_frames=6, pos_img_size=(48, 64),
+    vit = videomae_vit(num_frames=6, pos_img_size=(48, 64),
                        final_norm="none" if use_mean_pooling else "tokens", **TINY).eval()
     load_hf_videomae(vit, ref)
     x = torch.randn(2, 6, 3, 48, 64)  # transformers takes (B, T, 3, H, W)
@@ -82,7 +82,7 @@ def test_videomae_positions_follow_opentad_for_160px():
     import_transformers()
     from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
-    vit = videomae_vit(img_size=160, num_frames=4, **TINY)  # table made for 224 px (14x14)
+    vit = videomae_vit(num_frames=4, **TINY)  # table made for 224 px (14x14)
     table = vit.tokenizer.position_table(2, 10, 10)
     reference = get_sinusoid_encoding_table(2 * 14 * 14, 96)  # (1, 392, C), numpy reference
     reference = reference.reshape(2, 14, 14, 96).permute(0, 3, 1, 2)
@@ -93,7 +93,7 @@ def test_videomae_positions_follow_opentad_for_160px():
 
 def _contract_cases():
     return [
-        (videomae_vit(img_size=32, num_frames=4, pos_img_size=48, final_norm="pooled", **TINY),
+        (videomae_vit(num_frames=4, pos_img_size=48, final_norm="pooled", **TINY),
          torch.randn(2, 3, 4, 32, 32), (2, 96, 2)),
         (dinov2_vit(patch=8, img_size=32, pool="mean", **TINY), torch.randn(2, 3, 5, 24, 32), (2, 96, 5)),
         (sequence_vit(6, patch=4, **TINY), torch.randn(2, 40, 6), (2, 96, 10)),
@@ -125,7 +125,7 @@ def test_feature_strides():
 
 
 def test_clip_backbone_equals_vit_per_clip():
-    vit = videomae_vit(img_size=32, num_frames=4, pos_img_size=32, **TINY).eval()
+    vit = videomae_vit(num_frames=4, pos_img_size=32, **TINY).eval()
     backbone = ClipVideoBackbone(vit, clip_len=4).eval()
     frames = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8)  # a 2-clip window, as decoded
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1, 1)
@@ -156,7 +156,7 @@ def test_clip_backbone_resamples_to_feature_stride():
 
 
 def test_removing_a_block_keeps_the_model_runnable():
-    vit = videomae_vit(img_size=32, num_frames=4, drop_path_rate=0.2, **TINY)
+    vit = videomae_vit(num_frames=4, drop_path_rate=0.2, **TINY)
     backbone = ClipVideoBackbone(vit, clip_len=4)
     rates = [b.drop_path_rate for b in vit.blocks]
     del backbone.blocks[1]
@@ -180,7 +180,6 @@ def test_grad_checkpointing_gives_same_gradients():
 def test_named_sizes_and_overrides():
     vit = videomae_vit("S", depth=2)
     assert (vit.depth, vit.out_channels, vit.blocks[0].attn.heads) == (2, 384, 6)
-    assert vit.input_size == (16, 160, 160)
     assert vit_sizes["L"] == (24, 1024, 16)
     assert dinov2_vit("B", depth=1).blocks[0].mlp.fc1.out_features == 3072
     with pytest.raises(ConfigError, match="'XL'"):
@@ -190,7 +189,7 @@ def test_named_sizes_and_overrides():
 
 
 def test_rgb_diff_input_sees_changes_only_and_crosses_clip_boundaries():
-    vit = videomae_vit(img_size=32, num_frames=4, pos_img_size=32, **TINY).eval()
+    vit = videomae_vit(num_frames=4, pos_img_size=32, **TINY).eval()
     diff = ClipVideoBackbone(vit, clip_len=4, input_mode="rgb_diff").eval()
     rgb = ClipVideoBackbone(vit, clip_len=4).eval()
     frames = torch.randint(20, 230, (1, 8, 32, 32, 3), dtype=torch.uint8)
@@ -215,7 +214,7 @@ def test_rgb_diff_input_sees_changes_only_and_crosses_clip_boundaries():
 
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_tubelet_spatial_pool(pool):
-    vit = videomae_vit(img_size=32, num_frames=4, pos_img_size=32, spatial_pool=pool, **TINY).eval()
+    vit = videomae_vit(num_frames=4, pos_img_size=32, spatial_pool=pool, **TINY).eval()
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         tokens, ctx = vit.embed(x)
@@ -225,4 +224,4 @@ def test_tubelet_spatial_pool(pool):
         expected = (grid.amax(2) if pool == "max" else grid.mean(2)).transpose(1, 2)
         assert torch.allclose(vit(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="'mean' or 'max'"):
-        videomae_vit(img_size=32, num_frames=4, spatial_pool="sum", **TINY)
+        videomae_vit(num_frames=4, spatial_pool="sum", **TINY)

@@ -31,7 +31,7 @@ def counter_imported():
 
 def tiny_backbone(depth=2, seed=0) -> ClipVideoBackbone:
     torch.manual_seed(seed)
-    vit = videomae_vit("S", img_size=32, num_frames=4, pos_img_size=32, depth=depth, width=WIDTH, heads=HEADS)
+    vit = videomae_vit("S", num_frames=4, pos_img_size=32, depth=depth, width=WIDTH, heads=HEADS)
     for block in vit.blocks:  # VideoMAE initialises them to zero: make a misplaced bias visible
         nn.init.normal_(block.attn.q_bias)
         nn.init.normal_(block.attn.v_bias)
@@ -116,7 +116,6 @@ def test_macs_fall_as_the_arithmetic_says():
     prune_width(model, mlp_ratio=0.5, head_ratio=0.5, example_input=x)
     counted = count_macs(model, x)
     assert counted["macs"] == EMBED_MACS + 2 * block_macs(TOKENS, WIDTH, 2, 16, 128)
-    assert counted["uncounted_ops"] == []
 
 
 @needs_tp
@@ -183,11 +182,9 @@ def test_prune_to_macs_rejects_unreachable_targets():
 # ---- blockdrop bench -----------------------------------------------------------------------------
 
 def bench_parser() -> argparse.ArgumentParser:
-    from blockdrop.recipes.bench import add_bench_parser
+    from blockdrop.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="blockdrop")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 TINY = ["bench", "synthetic", "--set", "backbone.depth=3", "--set", "data.window=32", "--threads", "1"]
@@ -240,14 +237,14 @@ def test_bench_width_points_match_the_depth_points(capsys):
 @needs_tp
 def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_original(tmp_path):
     from blockdrop.recipes.build import build_detector, detector_builder
-    from blockdrop.cli import resolve_config_path
+    from blockdrop.recipes.build import resolve_config_path
     from blockdrop.compress.saving import save_compressed
     from blockdrop.compress.stack import drop_blocks
     from blockdrop.compress.width import prune_width, with_widths
     from blockdrop.core.config import load_config
     from blockdrop.core.errors import CheckpointError
     from blockdrop.core.schema import ExperimentConfig
-    from blockdrop.recipes.experiments import load_detector
+    from blockdrop.recipes.build import load_detector
 
     cfg = load_config(ExperimentConfig, resolve_config_path("synthetic"), [
         "backbone.depth=3", "backbone.width=64", "backbone.heads=4", "head.embed_dim=32", "head.fpn_dim=32",

@@ -1,8 +1,10 @@
 """LoRA on the remaining blocks' attention projections, through peft; and merging it back.
 
 Alignment fine-tuning (docs/compression.md, "Cross-depth alignment") trains a low-rank update of
-each remaining block's `attn.qkv` and `attn.proj`, plus a few small groups named by pattern (all
-LayerNorms, the tokenizer / patch embedding, the detection head); every other weight is frozen.
+each remaining block's attention projections (`attn.qkv` and `attn.proj` in our ViT; found by name
+in any block, see `default_targets`), plus the groups the target names as `trainable` (for the
+detector: all LayerNorms, the tokenizer, the detection head; none for a feature model); every
+other weight is frozen.
 
 peft does the LoRA: `inject_adapter_in_model` wraps each target nn.Linear in place in a
 `peft.tuners.lora.Linear` (B initialised to zero, so the adapted model starts equal to the
@@ -24,10 +26,9 @@ from torch import nn
 
 from blockdrop.compress.stack import BlockStack, find_block_stack
 from blockdrop.core.errors import BlockdropError
+from blockdrop.core.torchutil import eval_mode
 
-DEFAULT_TARGETS = ("attn.qkv", "attn.proj")
-# the released recipe trains all LayerNorms, the patch embedding (our `tokenizer`) and the head
-DEFAULT_TRAINABLE = ("norm", "patch_embed", "tokenizer", "head")
+_ATTENTION_WORDS = ("attn", "attention")  # a Linear whose name has one of these projects attention
 _GRAD_FLAGS = "_blockdrop_requires_grad"  # on the model: requires_grad of every parameter before add_lora
 
 
@@ -45,10 +46,18 @@ def _names(value) -> tuple[str, ...]:
 
 # ---- adding --------------------------------------------------------------------------------------
 
-def _target_names(model: nn.Module, stack: BlockStack, targets) -> list[str]:
+def default_targets(block: nn.Module) -> tuple[str, ...]:
+    """The attention projections of a block: its nn.Linear modules with "attn" or "attention" in
+    their name. Our ViT and timm: ("attn.qkv", "attn.proj"); transformers BERT / ViT / DINOv2:
+    the query, key, value and output dense layers of `attention`."""
+    return tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear)
+                 and any(word in part for part in name.split(".") for word in _ATTENTION_WORDS))
+
+
+def _target_names(model: nn.Module, stack: BlockStack, targets, where: str = "LoRA targets") -> list[str]:
     """Full names of the Linear modules to wrap: every target in every current block."""
     if not targets:
-        raise BlockdropError(f"LoRA targets must be a non-empty list of module names, got {targets!r}")
+        raise BlockdropError(f"{where} must be a non-empty list of module names inside a block, got {targets!r}")
     modules = dict(model.named_modules())
     names = [f"{stack.path}.{i}.{t}" for i in range(stack.depth) for t in targets]
     missing = [n for n in names if n not in modules]
@@ -57,7 +66,7 @@ def _target_names(model: nn.Module, stack: BlockStack, targets) -> list[str]:
     if missing or wrong:
         linears = [n for n, m in stack.modules[0].named_modules() if isinstance(m, nn.Linear)]
         problem = f"{missing[0]} does not exist" if missing else f"{wrong[0]} is not an nn.Linear"
-        raise BlockdropError(f"LoRA targets {list(targets)}: {problem}; the Linear modules of a block in "
+        raise BlockdropError(f"{where} {list(targets)}: {problem}; the Linear modules of a block in "
                              f"{stack.path!r} are {', '.join(linears) or 'none'}")
     return names
 
@@ -69,17 +78,36 @@ def _target_regex(stack: BlockStack, targets) -> str:
     return rf"{re.escape(stack.path)}\.({positions})\.({suffixes})"
 
 
-def _compile(patterns, model: nn.Module, explicit: bool) -> list[re.Pattern]:
-    """The trainable patterns as regexes; explicitly given ones must each match a parameter name."""
+def compile_trainable(patterns, model: nn.Module, where: str = "trainable") -> list[re.Pattern]:
+    """The trainable patterns as regexes; each must match a parameter name (a typo would silently
+    freeze a group)."""
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as err:
-        raise BlockdropError(f"trainable pattern {err.pattern!r} is not a regular expression: {err}") from None
+        raise BlockdropError(f"{where}: pattern {err.pattern!r} is not a regular expression: {err}") from None
     names = [name for name, _ in model.named_parameters()]
     unused = [c.pattern for c in compiled if not any(c.search(n) for n in names)]
-    if explicit and unused:
-        raise BlockdropError(f"trainable patterns {unused} match no parameter of {type(model).__name__}")
+    if unused:
+        raise BlockdropError(f"{where}: patterns {unused} match no parameter of {type(model).__name__}")
     return compiled
+
+
+def check_lora(model: nn.Module, stack_path: str, *, targets=None, trainable=(), rank: int | None = None,
+               where: str = "") -> tuple[str, ...]:
+    """Check LoRA settings against a model without changing it; returns the targets to use.
+
+    ``where`` prefixes the setting names in errors (``"compress.alignment."`` for a config).
+    """
+    stack = find_block_stack(model, stack_path)
+    targets = _names(targets) if targets is not None else default_targets(stack.modules[0])
+    if not targets:
+        raise BlockdropError(f"{where}lora_targets: a block of {stack.path!r} has no Linear named like an attention "
+                             f"projection ('attn', 'attention'); name the Linears to adapt")
+    _target_names(model, stack, targets, where=f"{where}lora_targets")
+    compile_trainable(_names(trainable), model, where=f"{where}trainable")
+    if rank is not None and rank <= 0:
+        raise BlockdropError(f"{where}lora_rank must be positive, got {rank}")
+    return targets
 
 
 def _set_trainable(model: nn.Module, compiled: list[re.Pattern]) -> None:
@@ -89,22 +117,25 @@ def _set_trainable(model: nn.Module, compiled: list[re.Pattern]) -> None:
 
 
 def add_lora(model: nn.Module, target, *, rank: int | None = None, alpha: float | None = None,
-             targets=DEFAULT_TARGETS, trainable=None, dropout: float = 0.0) -> nn.Module:
+             targets=None, trainable=None, dropout: float = 0.0) -> nn.Module:
     """Wrap ``targets`` (names inside a block) of every block of ``target.stack_path`` in peft LoRA.
 
-    ``target`` is a CompressionTarget (only its ``stack_path`` is read) or the path itself.
-    rank defaults to (smallest in_features of the wrapped Linears) // 4, alpha to rank (scale 1).
-    Afterwards only the LoRA A/B matrices and the parameters whose names match a ``trainable``
-    regex (``re.search``) require grad; ``trainable=None`` means DEFAULT_TRAINABLE, where a pattern
-    that matches nothing is fine, while every explicitly given pattern must match something.
-    Modifies ``model`` in place and returns it; ``merge_lora`` undoes the freezing.
+    ``target`` is a CompressionTarget or the stack path itself. ``targets`` defaults to the
+    block's attention projections (`default_targets`). rank defaults to (smallest in_features of
+    the wrapped Linears) // 4, alpha to rank (scale 1). Afterwards only the LoRA A/B matrices and
+    the parameters whose names match a ``trainable`` regex (``re.search``) require grad;
+    ``trainable=None`` means the target's own `trainable` (nothing when a path is given); every
+    pattern must match a parameter. Modifies ``model`` in place and returns it; ``merge_lora``
+    undoes the freezing.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     path = target if isinstance(target, str) else target.stack_path
-    targets = _names(targets)
-    patterns = DEFAULT_TRAINABLE if trainable is None else _names(trainable)
+    if trainable is None:
+        trainable = () if isinstance(target, str) else target.trainable
+    patterns = _names(trainable)
     stack = find_block_stack(model, path)
+    targets = _names(targets) if targets is not None else default_targets(stack.modules[0])
     if lora_layers(model):
         raise BlockdropError(f"{type(model).__name__} already has LoRA layers; merge_lora it first")
     names = _target_names(model, stack, targets)
@@ -112,7 +143,7 @@ def add_lora(model: nn.Module, target, *, rank: int | None = None, alpha: float 
     if rank <= 0 or (alpha is not None and alpha <= 0) or not 0.0 <= dropout < 1.0:
         raise BlockdropError(f"LoRA needs rank > 0, alpha > 0 and dropout in [0, 1); got rank={rank}, "
                              f"alpha={alpha}, dropout={dropout}")
-    compiled = _compile(patterns, model, explicit=trainable is not None)
+    compiled = compile_trainable(patterns, model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         target_modules=_target_regex(stack, targets), bias="none")
@@ -142,13 +173,8 @@ def _tensors(obj) -> list[torch.Tensor]:
 @torch.no_grad()
 def _outputs(model: nn.Module, check_fn) -> list[torch.Tensor]:
     """check_fn(model) in eval mode without grad; every module's training flag is restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         return [t.detach().clone() for t in _tensors(check_fn(model))]
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _disagreement(before, after, atol: float, rtol: float) -> str | None:

@@ -1,19 +1,18 @@
 """The Progressive Block Drop loop, as the method reads:
 
-    repeat: select a block -> drop it -> align (LoRA, teacher) -> merge -> evaluate on
-            validation -> measure -> save the step
-    until:  max blocks dropped, target MACs reduction reached, or the accuracy drop on
-            validation exceeds the limit (that step is rolled back and the reason recorded).
+    repeat: select a block -> drop it -> align (LoRA, teacher) -> merge -> validate -> measure
+            -> save the step
+    until:  a stopping rule fires (compress/rules.py); a step that breaks the accuracy budget is
+            rolled back and the reason recorded.
 
-A run folder holds `history.json` (teacher + one record per step, every candidate's score),
-`step_NN/` (selection.json, the alignment's metrics and resumable state, model.safetensors)
-and `model.safetensors` (the last kept step). `--resume` continues from the last completed
-step, and inside a step from the alignment's last saved epoch, re-using the recorded choice.
+A run folder holds `history.json` (compress/history.py), `step_NN/` (selection.json, the
+alignment's metrics and resumable state, model.safetensors) and `model.safetensors` (the last kept
+step). `resume=True` continues from the last completed step, and inside a step from the
+alignment's last saved epoch, re-using the recorded choice.
 
-Under torchrun every rank runs the loop: the alignment trains with DistributedDataParallel over
-all ranks, while selection, validation and measurement run on rank 0 and their results are
-broadcast (so every rank drops the same block and stops at the same step), and only rank 0
-writes to the run folder.
+Under torchrun every rank runs the loop: the alignment trains with DistributedDataParallel over all
+ranks, while selection, validation and measurement run on rank 0 and their results are broadcast
+(so every rank drops the same blocks and stops at the same step), and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,191 +21,177 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
+from blockdrop.compress.align import align
+from blockdrop.compress.history import AlignRecord, Cost, History, SelectionRecord, StepRecord, TeacherRecord
+from blockdrop.compress.rules import stopping_rules, strategy_for
+from blockdrop.compress.selection import select_block
+from blockdrop.compress.stack import drop_original, kept_blocks
 from blockdrop.core import distributed as dist
-from blockdrop.compress.saving import save_compressed
-from blockdrop.compress.stack import drop_blocks, kept_blocks
-from blockdrop.core.fileio import atomic_path, atomic_write_text
-from blockdrop.core.errors import ConfigError
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.fileio import atomic_path, write_json
+from blockdrop.core.schema import CompressConfig
+
+MODEL_FILE = "model.safetensors"
+HISTORY_FILE = "history.json"
+
 
 @dataclass
 class Setup:
-    """Everything the loop needs, built once by the recipe (see recipes.compress_experiment)."""
+    """What the loop runs on, built once by a recipe (recipes/compress.py) or by `compress_model`."""
 
     teacher: nn.Module
-    builder: dict
-    selection_target: object  # CompressionTarget over training videos, no augmentation
-    selection_loader: object
-    align_target: object  # CompressionTarget used for the alignment losses
-    train_loader: object
-    validate: Callable[[nn.Module], dict]  # validation metrics (percent)
-    measure: Callable[[nn.Module], dict]  # {"gmacs", "backbone_gmacs", "params", "latency_ms", ...}
-    load: Callable[[Path], nn.Module]  # a saved step's model.safetensors -> model (for --resume)
-    progress: bool = True  # progress bars during alignment
+    target: object  # the CompressionTarget of alignment (and of selection unless selection_target is set)
+    train_data: Iterable  # batches for the alignment (a DataLoader, or a list)
+    selection_data: Iterable  # batches of training data without augmentation, for selection
+    validate: Callable[[nn.Module], dict] | None  # validation metrics; None: keep each alignment's last epoch
+    metric: str | None  # the key of validate's result that picks epochs and judges the accuracy budget
+    measure: Callable[[nn.Module], Cost]
+    save: Callable[[nn.Module, Path], None]  # a kept step's model -> its file (rank 0 only calls it)
+    load: Callable[[Path], nn.Module]  # that file -> the model (for resume)
+    selection_target: object | None = None  # a target whose `score` knows the selection data
+    progress: bool = True
+    log: Callable[[str], None] = print
 
 
-def write_json(path: Path, data) -> None:
-    """Rank 0 writes (atomically); other ranks of a torchrun job do nothing."""
-    if dist.is_main():
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def stop_reason(cfg, history: dict) -> str | None:
-    """Why the loop should stop before another step, or None to continue."""
-    steps = history["steps"]
-    dropped = steps[-1]["blocks_dropped"] if steps else 0
-    if cfg.max_blocks is not None and dropped >= cfg.max_blocks:
-        return f"dropped max_blocks={cfg.max_blocks}"
-    if cfg.target_macs_reduction is not None and steps:
-        reduction = 1 - steps[-1]["gmacs"] / history["teacher"]["gmacs"]
-        if reduction >= cfg.target_macs_reduction:
-            return f"MACs reduced by {reduction:.1%} >= target {cfg.target_macs_reduction:.0%}"
-    if len(kept_after(history)) <= 1:
-        return "one block left"
-    return history.get("stopped")
-
-
-def kept_after(history: dict) -> list[int]:
-    return history["steps"][-1]["kept_blocks"] if history["steps"] else history["teacher"]["kept_blocks"]
-
-
-def _select(setup: Setup, student: nn.Module, cfg, step_dir: Path) -> dict:
-    """The recorded choice of this step, or a fresh selection (recorded before anything changes).
-    Rank 0 only: `run_step` hands the result to the other ranks."""
-    from blockdrop.compress.selection import select_block
-
-    path = step_dir / "selection.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    result = select_block(student, setup.selection_target, setup.selection_loader, evaluator=cfg.evaluator,
-                          metric=cfg.selection_metric)
-    record = result.to_dict()
-    if cfg.one_shot:  # ablation: the max_blocks least harmful blocks by this first step's scores
-        ranked = sorted(record["scores"].items(), key=lambda kv: -kv[1] if result.higher_is_better else kv[1])
-        record["one_shot_original"] = sorted(int(k) for k, _ in ranked[: cfg.max_blocks])
-    step_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
-    return record
-
-
-def _drop(student: nn.Module, selection: dict, stack_path: str) -> list[int]:
-    originals = selection.get("one_shot_original") or [selection["chosen_original"]]
-    kept = kept_blocks(student, stack=stack_path)
-    positions = [kept.index(o) for o in originals]
-    drop_blocks(student, positions, stack=stack_path)
-    return originals
-
-
-def _align(setup: Setup, student: nn.Module, teacher: nn.Module, cfg, step_dir: Path, resume: bool, epochs: int,
-           select_metric: str):
-    from dataclasses import replace
-
-    from blockdrop.compress.align import align
-
-    weights = {"feature": cfg.feature_weight, "cls_kd": cfg.cls_kd_weight, "reg_kd": cfg.reg_kd_weight,
-               "gt": cfg.gt_weight}
-    train_cfg = replace(cfg.train, epochs=epochs)
-    return align(student, teacher, setup.align_target, setup.train_loader, train_cfg, rank=cfg.lora_rank,
-                 targets=cfg.lora_targets, trainable=cfg.trainable, weights=weights,
-                 temperature=cfg.temperature, evaluate_fn=setup.validate, select_metric=select_metric,
-                 out_dir=step_dir / "align", resume=resume, progress=setup.progress)
-
-
-def run_step(setup: Setup, student: nn.Module, cfg, step: int, step_dir: Path, resume: bool,
-             select_metric: str) -> tuple[nn.Module, dict]:
-    """One step on a copy of ``student``: returns (merged model, step record)."""
-    start = time.perf_counter()
-    selection = dist.main_result(lambda: _select(setup, student, cfg, step_dir))
-    student = copy.deepcopy(student)
-    previous = copy.deepcopy(student) if cfg.teacher_mode == "previous" else None
-    dropped = _drop(student, selection, setup.selection_target.stack_path)
-    # "previous": the model this step starts from, frozen (the authors' ActivityNet setting)
-    teacher = setup.teacher if previous is None else previous
-    epochs = cfg.train.epochs * (len(dropped) if cfg.one_shot else 1)  # one-shot: the same total budget
-    merged, fit = _align(setup, student, teacher, cfg, step_dir, resume, epochs, select_metric)
-    val, cost = dist.main_result(lambda: (setup.validate(merged), setup.measure(merged)))
-    record = {
-        "step": step,
-        "dropped_original": dropped,
-        "kept_blocks": kept_blocks(merged, stack=setup.selection_target.stack_path),
-        "selection": selection,
-        "align": {"best_epoch": fit.best_epoch, "history": fit.history},
-        "val": val,
-        f"val_{select_metric}": val.get(select_metric),
-        **cost,
-        "time_s": round(time.perf_counter() - start, 1),
-    }
-    return merged, record
-
-
-def progressive_block_drop(setup: Setup, cfg, out: Path, *, resume: bool = False, select_metric: str,
-                           log: Callable[[str], None] = print) -> dict:
+def progressive_block_drop(setup: Setup, cfg: CompressConfig, out: Path, *, resume: bool = False) -> History:
     """Run the loop in ``out``; returns the history (also written to out/history.json)."""
-    history_path = out / "history.json"
-    stack_path = setup.selection_target.stack_path
-    teacher_kept = kept_blocks(setup.teacher, stack=stack_path)
-    if resume and history_path.exists():
-        history = json.loads(history_path.read_text())
-    else:
-        log("measuring the teacher on the validation split")
-        val, cost = dist.main_result(lambda: (setup.validate(setup.teacher), setup.measure(setup.teacher)))
-        history = {"teacher": {"kept_blocks": teacher_kept, "val": val, **cost}, "steps": [], "stopped": None,
-                   "world_size": dist.world_size()}
-        history["teacher"][f"val_{select_metric}"] = history["teacher"]["val"].get(select_metric)
-        write_json(history_path, history)
-    student = setup.teacher
-    if history["steps"]:
-        student = setup.load(out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors")
-    while stop_reason(cfg, history) is None:
-        step = len(history["steps"]) + 1
-        step_dir = out / f"step_{step:02d}"
-        log(f"step {step}: selecting among {len(kept_after(history))} blocks ({cfg.evaluator})")
-        merged, record = run_step(setup, student, cfg, step, step_dir, resume, select_metric)
-        record["blocks_dropped"] = len(teacher_kept) - len(record["kept_blocks"])
-        teacher_score = history["teacher"][f"val_{select_metric}"]
-        if cfg.max_accuracy_drop is not None and teacher_score - record["val"][select_metric] > cfg.max_accuracy_drop:
-            record["status"] = "rolled_back"
-            history["rejected"] = record
-            history["stopped"] = (f"step {step} lost {teacher_score - record['val'][select_metric]:.2f} "
-                                  f"validation {select_metric} points > max_accuracy_drop={cfg.max_accuracy_drop}; "
-                                  "rolled back")
-            write_json(history_path, history)
+    out = Path(out)
+    history = _start(setup, out, resume)
+    stop = cfg.stopping
+    strategy = strategy_for(cfg.strategy, stop.max_blocks)
+    rules = stopping_rules(max_blocks=stop.max_blocks, target_macs_reduction=stop.target_macs_reduction,
+                           max_accuracy_drop=stop.max_accuracy_drop, metric=setup.metric)
+    student = setup.load(out / _step_name(history.steps[-1].step) / MODEL_FILE) if history.steps else setup.teacher
+    while (reason := strategy.done(history) or _first(rule.before(history) for rule in rules)) is None:
+        step = len(history.steps) + 1
+        setup.log(f"step {step}: selecting among {len(history.kept_blocks)} blocks ({cfg.selection.evaluator})")
+        merged, record = run_step(setup, cfg, strategy, student, history, step, out / _step_name(step), resume)
+        rejection = _first(rule.reject(history, record) for rule in rules)
+        if rejection:
+            record.status, history.rejected, history.stopped = "rolled_back", record, rejection
             break
-        record["status"] = "kept"
         if dist.is_main():
-            save_compressed(merged, step_dir / "model.safetensors", builder=setup.builder)
-        history["steps"].append(record)
-        write_json(history_path, history)
-        log(f"step {step}: dropped block {record['dropped_original']}, val {select_metric} "
-            f"{record['val'][select_metric]:.2f}, {record['gmacs']:.3f} GMACs")
+            setup.save(merged, out / _step_name(step) / MODEL_FILE)
+        history.steps.append(record)
+        _write(history, out)
+        setup.log(f"step {step}: dropped block {record.dropped_original}, val {setup.metric} "
+                  f"{record.val.get(setup.metric, float('nan')):.2f}, {record.cost.gmacs:.3f} GMACs")
         student = merged
-        if cfg.one_shot:
-            history["stopped"] = f"one-shot drop of {len(record['dropped_original'])} blocks"
-    history["stopped"] = history.get("stopped") or stop_reason(cfg, history)
-    write_json(history_path, history)
-    if history["steps"] and dist.is_main():
-        final = out / f"step_{history['steps'][-1]['step']:02d}" / "model.safetensors"
-        with atomic_path(out / "model.safetensors") as tmp:  # never a half-copied final model
-            shutil.copyfile(final, tmp)
-    dist.barrier()  # the run folder is complete before any rank returns
-    if not history["steps"] and not (out / "model.safetensors").exists():
-        raise ConfigError(f"{out}: no step was kept ({history['stopped']})")
+    history.stopped = history.stopped or reason
+    _finish(history, out)
     return history
 
 
-def format_history(history: dict, metric: str) -> str:
-    """The per-step table (blocks, GMACs, latency, validation metrics)."""
-    rows = [("teacher", 0, history["teacher"])] + [(f"step {s['step']}", s["blocks_dropped"], s)
-                                                  for s in history["steps"]]
-    head = f"| model | blocks dropped | dropped (original idx) | GMACs | latency ms | val {metric} |"
-    lines = [head, "|---|---|---|---|---|---|"]
-    for name, dropped, r in rows:
-        lines.append(f"| {name} | {dropped} | {r.get('dropped_original', '-')} | {r['gmacs']:.3f} | "
-                     f"{r.get('latency_ms', float('nan')):.2f} | {r['val'].get(metric, float('nan')):.2f} |")
-    lines.append(f"stopped: {history.get('stopped')}")
+def _first(reasons) -> str | None:
+    return next(filter(None, reasons), None)
+
+
+def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, history: History, step: int,
+             step_dir: Path, resume: bool) -> tuple[nn.Module, StepRecord]:
+    """One step on a copy of ``student``: select -> drop -> align + merge -> validate -> measure."""
+    start = time.perf_counter()
+    selection = dist.main_result(lambda: _select(setup, cfg, strategy, student, step_dir))
+    selected = time.perf_counter()
+    student = copy.deepcopy(student)
+    # "previous": the model this step starts from, frozen (the authors' ActivityNet setting)
+    teacher = setup.teacher if cfg.teacher_mode == "original" else copy.deepcopy(student)
+    drop_original(student, selection.drop, stack=setup.target.stack_path)
+    a = cfg.alignment
+    train_cfg = replace(a.train, epochs=strategy.epochs(a.train.epochs, len(selection.drop)))
+    merged, fit = align(student, teacher, setup.target, setup.train_data, train_cfg, rank=a.lora_rank,
+                        targets=a.lora_targets, trainable=a.trainable, weights=a.weights,
+                        evaluate_fn=setup.validate, metric=setup.metric, score_unaligned=a.score_unaligned,
+                        out_dir=step_dir / "align", resume=resume, progress=setup.progress,
+                        config_name="compress.alignment.train")
+    aligned = time.perf_counter()
+    val, cost, times = dist.main_result(lambda: _validate_and_measure(setup, merged))
+    kept = kept_blocks(merged, stack=setup.target.stack_path)
+    record = StepRecord(
+        step=step, dropped_original=list(selection.drop), kept_blocks=kept,
+        blocks_dropped=len(history.teacher.kept_blocks) - len(kept), selection=selection,
+        align=AlignRecord(best_epoch=fit.best_epoch, epochs=fit.history, val_before=fit.initial),
+        val=val, cost=cost, time_s=round(time.perf_counter() - start, 1),
+        timings={"selection_s": round(selected - start, 3), "align_s": round(aligned - selected, 3), **times})
+    return merged, record
+
+
+def _validate_and_measure(setup: Setup, model: nn.Module) -> tuple[dict, Cost, dict]:
+    t0 = time.perf_counter()
+    val = setup.validate(model) if setup.validate is not None else {}
+    val = {k: v for k, v in val.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # the metrics
+    t1 = time.perf_counter()
+    cost = setup.measure(model)
+    return val, cost, {"validate_s": round(t1 - t0, 3), "measure_s": round(time.perf_counter() - t1, 3)}
+
+
+def _select(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, step_dir: Path) -> SelectionRecord:
+    """The recorded choice of this step, or a fresh selection (recorded before anything changes).
+    Rank 0 only: `run_step` hands the result to the other ranks."""
+    path = step_dir / "selection.json"
+    if path.exists():
+        return History.selection_from_json(json.loads(path.read_text()), str(path))
+    target = setup.selection_target if setup.selection_target is not None else setup.target
+    result = select_block(student, target, setup.selection_data, evaluator=cfg.selection.evaluator,
+                          metric=cfg.selection.block_metric)
+    record = SelectionRecord(**{k: v for k, v in asdict(result).items()}, drop=[])
+    record.drop = strategy.drop(record)
+    step_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        write_json(path, History.selection_to_json(record))
+    return record
+
+
+def _start(setup: Setup, out: Path, resume: bool) -> History:
+    """The recorded history (resume), or a new one with the teacher validated and measured."""
+    path = out / HISTORY_FILE
+    if resume and path.exists():
+        return History.load(path)
+    setup.log("measuring the teacher on the validation split")
+    val, cost, _ = dist.main_result(lambda: _validate_and_measure(setup, setup.teacher))
+    history = History(teacher=TeacherRecord(kept_blocks=kept_blocks(setup.teacher, stack=setup.target.stack_path),
+                                            val=val, cost=cost),
+                      metric=setup.metric, world_size=dist.world_size())
+    _write(history, out)
+    return history
+
+
+def _write(history: History, out: Path) -> None:
+    if dist.is_main():
+        history.save(out / HISTORY_FILE)
+
+
+def _finish(history: History, out: Path) -> None:
+    """The final history, and the last kept step's model as out/model.safetensors."""
+    _write(history, out)
+    if history.steps and dist.is_main():
+        final = out / _step_name(history.steps[-1].step) / MODEL_FILE
+        with atomic_path(out / MODEL_FILE) as tmp:  # never a half-copied final model
+            shutil.copyfile(final, tmp)
+    dist.barrier()  # the run folder is complete before any rank returns
+    if not history.steps and not (out / MODEL_FILE).exists():
+        raise BlockdropError(f"{out}: no step was kept ({history.stopped})")
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:02d}"
+
+
+def format_history(history: History) -> str:
+    """The per-step table (blocks, GMACs, latency, validation metric)."""
+    metric = history.metric
+    rows = [("teacher", 0, "-", history.teacher.cost, history.teacher.val)]
+    rows += [(f"step {s.step}", s.blocks_dropped, s.dropped_original, s.cost, s.val) for s in history.steps]
+    lines = [f"| model | blocks dropped | dropped (original idx) | GMACs | latency ms | val {metric} |",
+             "|---|---|---|---|---|---|"]
+    for name, dropped, which, cost, val in rows:
+        latency = cost.latency_ms if cost.latency_ms is not None else float("nan")
+        lines.append(f"| {name} | {dropped} | {which} | {cost.gmacs:.3f} | {latency:.2f} | "
+                     f"{val.get(metric, float('nan')):.2f} |")
+    lines.append(f"stopped: {history.stopped}")
     return "\n".join(lines)

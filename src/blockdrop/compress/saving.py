@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from blockdrop.compress.stack import BlockStack, current_stack, drop_blocks, find_block_stack, listing
-from blockdrop.core.errors import BlockdropError, CheckpointError
+from blockdrop.compress.stack import BlockStack, current_stack, drop_blocks, find_block_stack
+from blockdrop.core.errors import BlockdropError, CheckpointError, listing
 from blockdrop.core.fileio import atomic_path
 
 FORMAT_VERSION = "1"

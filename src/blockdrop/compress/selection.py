@@ -2,7 +2,8 @@
 
 Four evaluators (see docs/compression.md, "Block selection"):
 
-- ``"map"``: detection metric of the sub-network "model minus block k" (higher is better);
+- ``"score"`` (``"map"`` for a detector): the target's task metric of the sub-network
+  "model minus block k", e.g. detection mAP (higher is better);
 - ``"loss"``: mean ground-truth loss of that sub-network (lower is better);
 - ``"feature_mse"`` / ``"feature_cosine"``: how much block k changes its own input on the full
   model (ShortGPT's block influence): mean squared difference, or 1 - cosine similarity over
@@ -30,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdrop.compress.stack import kept_blocks
-from blockdrop.compress.target import CompressionTarget, blocks_of, run_blocks
+from blockdrop.compress.target import CompressionTarget, Scored, Supervised, blocks_of, run_blocks
 from blockdrop.core.errors import BlockdropError
+from blockdrop.core.torchutil import eval_mode, model_device, to_device
 
-HIGHER_IS_BETTER = {"map": True, "loss": False, "feature_mse": False, "feature_cosine": False}
+# "map" is the detector's name for "score": the target's own metric of each sub-network
+HIGHER_IS_BETTER = {"score": True, "map": True, "loss": False, "feature_mse": False, "feature_cosine": False}
+SCORE_EVALUATORS = ("score", "map")
 
 
 @dataclass(frozen=True)
@@ -76,23 +80,6 @@ class _ForwardCounter:
             handle.remove()
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors, and lists of tensors, of a batch dict -> ``device``; everything else as it is."""
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            return [v.to(device) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _check_candidates(candidates, depth: int) -> list[int]:
     if candidates is None:
         return list(range(depth))
@@ -132,7 +119,7 @@ class _SubnetworkScores:
         self.batches = 0
 
     def add(self, k: int, model: nn.Module, output, batch: dict) -> None:
-        if self.evaluator == "map":
+        if self.evaluator in SCORE_EVALUATORS:
             self.predictions[k].extend(self.target.predict(model, output, batch))
         else:
             self.loss_sum[k] += float(self.target.task_loss(model, output, batch)["total"])
@@ -157,10 +144,10 @@ def _shared_prefix_batch(model, target, batch, blocks, candidates, acc: _Subnetw
         if k in wanted:
             branch = tokens
             for block in blocks[k + 1:]:
-                branch = block(branch)
+                branch = target.call_block(block, branch, ctx)
             acc.add(k, model, target.finish(model, branch, ctx, batch), batch)
         if k < last:
-            tokens = blocks[k](tokens)  # h_{k+1}
+            tokens = target.call_block(blocks[k], tokens, ctx)  # h_{k+1}
 
 
 def _naive_batch(model, target, batch, blocks, candidates, acc: _SubnetworkScores) -> None:
@@ -182,9 +169,9 @@ def _feature_scores(model, target, loader, device, blocks, candidates, evaluator
     """Block influence on the full model: one forward per batch through blocks 0..max(candidates)."""
     sums, counts, batches = dict.fromkeys(candidates, 0.0), dict.fromkeys(candidates, 0), 0
     for batch in loader:
-        tokens, _ = target.embed(model, _to_device(batch, device))
+        tokens, ctx = target.embed(model, to_device(batch, device))
         for k in range(candidates[-1] + 1):
-            out = blocks[k](tokens)
+            out = target.call_block(blocks[k], tokens, ctx)
             if k in sums:
                 total, n = _block_change(tokens, out, evaluator)
                 sums[k], counts[k] = sums[k] + total, counts[k] + n
@@ -197,7 +184,7 @@ def _subnetwork_scores(model, target, loader, device, blocks, candidates, evalua
     acc = _SubnetworkScores(target, evaluator, metric, candidates)
     run_batch = _naive_batch if naive else _shared_prefix_batch
     for batch in loader:
-        run_batch(model, target, _to_device(batch, device), blocks, candidates, acc)
+        run_batch(model, target, to_device(batch, device), blocks, candidates, acc)
         acc.batches += 1
     return (acc.scores() if acc.batches else {}), acc.batches
 
@@ -210,42 +197,49 @@ def naive_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
     return len(candidates) * (depth - 1)
 
 
-def shared_prefix_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
-    """Block forwards per batch of the shared-prefix pass: prefix to the last candidate + branches."""
-    if evaluator.startswith("feature"):
-        return max(candidates) + 1
-    return max(candidates) + sum(depth - 1 - k for k in candidates)
-
-
 # ---- the entry point -----------------------------------------------------------------------------
 
-def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str = "map",
-                 metric: str = "average_mAP", naive: bool = False, device=None,
+def check_evaluator(target, evaluator: str, where: str = "evaluator") -> None:
+    """The evaluator exists and the target can serve it (a BlockdropError naming ``where`` otherwise)."""
+    if evaluator not in HIGHER_IS_BETTER:
+        raise BlockdropError(f"{where}: unknown evaluator {evaluator!r} (choose from {', '.join(HIGHER_IS_BETTER)})")
+    if evaluator in SCORE_EVALUATORS and not isinstance(target, Scored):
+        raise BlockdropError(f"{where}: {evaluator!r} scores sub-networks with the target's predict/score, which "
+                             f"{type(target).__name__} does not have; use feature_cosine or feature_mse, or give "
+                             f"the target a score function")
+    if evaluator == "loss" and not isinstance(target, Supervised):
+        raise BlockdropError(f"{where}: 'loss' needs the target's task_loss, which {type(target).__name__} does "
+                             f"not have; use feature_cosine or feature_mse")
+
+
+def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str = "score",
+                 metric: str | None = None, naive: bool = False, device=None,
                  candidates=None) -> SelectionResult:
     """Score every candidate block of ``model``'s stack on ``loader`` and choose one to drop.
 
-    ``loader`` yields batch dicts of a selection split of TRAINING data without augmentation;
-    it is iterated once. The model runs in eval mode under ``torch.no_grad`` (its training
-    flags are restored afterwards); it is not modified. ``device``: where batches are moved
-    (default: the model's). ``candidates``: current positions that may be dropped (default: all).
-    ``naive=True`` runs every candidate from scratch (same choice and scores, more forwards).
-    Raises BlockdropError for a stack of one block, an unknown evaluator or metric, no batches.
+    ``loader`` yields batches of a selection split of TRAINING data without augmentation (a
+    DataLoader or a plain list); it is iterated once. The model runs in eval mode under
+    ``torch.no_grad`` (every module's training flag is restored afterwards); it is not modified.
+    ``metric``: the key of ``target.score`` the "score" evaluator ranks by. ``device``: where batches
+    are moved (default: the model's). ``candidates``: current positions that may be dropped
+    (default: all). ``naive=True`` runs every candidate from scratch (same choice and scores, more
+    forwards). Raises BlockdropError for a stack of one block, an unknown evaluator or metric, a
+    target that cannot serve the evaluator, or no batches.
     """
-    if evaluator not in HIGHER_IS_BETTER:
-        raise BlockdropError(f"select_block: unknown evaluator {evaluator!r} "
-                             f"(choose from {', '.join(HIGHER_IS_BETTER)})")
+    check_evaluator(target, evaluator)
+    if evaluator in SCORE_EVALUATORS and not metric:
+        raise BlockdropError(f"select_block: the {evaluator!r} evaluator needs metric= (a key of the target's score)")
     blocks = blocks_of(model, target)
     original = kept_blocks(model, stack=target.stack_path)
     if len(blocks) < 2:
         raise BlockdropError(f"select_block: block stack {target.stack_path!r} has {len(blocks)} block(s); "
                              f"dropping one would leave none")
     candidates = _check_candidates(candidates, len(blocks))
-    device = torch.device(device) if device is not None else _model_device(model)
-    counter, modes = _ForwardCounter(blocks), {m: m.training for m in model.modules()}
+    device = torch.device(device) if device is not None else model_device(model)
+    counter = _ForwardCounter(blocks)
     start = time.perf_counter()
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             if evaluator.startswith("feature"):
                 scores, batches = _feature_scores(model, target, loader, device, blocks, candidates, evaluator)
             else:
@@ -255,14 +249,12 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
             torch.cuda.synchronize(device)
     finally:
         counter.remove()
-        for module, training in modes.items():
-            module.training = training
     if not batches:
         raise BlockdropError("select_block: the selection loader yielded no batches")
     chosen = _choose(scores, HIGHER_IS_BETTER[evaluator])
     return SelectionResult(
         chosen=chosen, chosen_original=original[chosen], scores={original[k]: s for k, s in scores.items()},
-        evaluator=evaluator, metric=metric if evaluator == "map" else None,
+        evaluator=evaluator, metric=metric if evaluator in SCORE_EVALUATORS else None,
         higher_is_better=HIGHER_IS_BETTER[evaluator], block_forwards=counter.count,
         naive_block_forwards=batches * naive_forwards(len(blocks), candidates, evaluator),
         wall_time_s=time.perf_counter() - start, naive=naive and not evaluator.startswith("feature"), batches=batches)

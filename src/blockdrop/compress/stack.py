@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from blockdrop.core.errors import BlockdropError
+from blockdrop.core.errors import BlockdropError, listing
 
 # Paths tried by auto-detection: a ModuleList/Sequential whose dotted path is one of these or ends
 # with "." + one of these. Every match is a candidate; more than one is an error, never a guess.
@@ -29,7 +29,6 @@ STACK_PATTERNS = ("blocks", "encoder.layer", "model.layers", "layers", "transfor
 _KEPT = "_blockdrop_kept"  # on the container: tuple of original indices, one per current block
 _ORIGINAL_DEPTH = "_blockdrop_original_depth"  # on the container: depth of the uncompressed stack
 _DEPTH_ATTRS = ("depth", "num_layers")  # plain int attributes of the stack's ancestors (timm style)
-_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,6 @@ class DropResult:
 
 
 # ---- finding the stack ---------------------------------------------------------------------------
-
-def listing(items) -> str:
-    """At most _SHOWN items, comma-separated, with a count of the rest."""
-    items = list(items)
-    return ", ".join(items[:_SHOWN]) + (f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
-
 
 def _containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()

@@ -13,7 +13,9 @@ gradient), so we fold the biases into `qkv.bias` for the pruning, let torch-prun
 standard Linear, and unfold them afterwards; k's part of the bias stays zero throughout.
 
 Our Attention reads its head size from `qkv` (not from the residual width), so a pruned block is
-still a plain `Attention` with fewer heads.
+still a plain `Attention` with fewer heads. The engine does not import the model: an attention is
+any module with nn.Linear `qkv` and `proj` and an int `heads` (optional `q_bias` / `v_bias`), an
+MLP any module with nn.Linear `fc1` and `fc2`: blockdrop's ViT blocks (models/vit.py).
 
 `prune_to_macs` finds the uniform pruning that costs a given number of MACs (the MACs of a
 block-drop point), so depth and width can be timed at equal MACs: docs/measurement.md.
@@ -27,9 +29,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from blockdrop.compress.stack import find_block_stack
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.measure import count_macs
-from blockdrop.models.vit import Attention, Mlp
+from blockdrop.core.torchutil import preserve_modes
 
 IMPORTANCES = ("l2", "l1", "random")
 MAX_RATIO = 0.9  # never remove more than 90% of a block's MLP channels or heads
@@ -73,9 +76,18 @@ def _importance(tp, name: str):
     raise BlockdropError(f"importance must be one of {', '.join(IMPORTANCES)}, got {name!r}")
 
 
-def _parts(backbone: nn.Module) -> tuple[list[Attention], list[Mlp]]:
-    attns = [m for m in backbone.modules() if isinstance(m, Attention)]
-    mlps = [m for m in backbone.modules() if isinstance(m, Mlp)]
+def _is_attention(module: nn.Module) -> bool:
+    return (isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)
+            and isinstance(getattr(module, "heads", None), int))
+
+
+def _is_mlp(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "fc1", None), nn.Linear) and isinstance(getattr(module, "fc2", None), nn.Linear)
+
+
+def _parts(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    attns = [m for m in backbone.modules() if _is_attention(m)]
+    mlps = [m for m in backbone.modules() if _is_mlp(m)]
     if not attns or not mlps:
         raise BlockdropError(f"{type(backbone).__name__} has no blockdrop ViT blocks (Attention and Mlp "
                              f"modules) to prune; prune_width works on models built by blockdrop.models.vit")
@@ -88,9 +100,9 @@ def _check_ratio(name: str, value: float) -> float:
     return float(value)
 
 
-def _fold_qv_bias(attn: Attention) -> bool:
+def _fold_qv_bias(attn: nn.Module) -> bool:
     """Move q/v biases into qkv.bias (k part zero) so torch-pruning sees one standard Linear."""
-    if attn.q_bias is None:
+    if getattr(attn, "q_bias", None) is None:
         return False
     if attn.qkv.bias is not None:
         raise BlockdropError("attention has both a qkv bias and separate q/v biases; cannot prune it")
@@ -100,7 +112,7 @@ def _fold_qv_bias(attn: Attention) -> bool:
     return True
 
 
-def _unfold_qv_bias(attn: Attention) -> None:
+def _unfold_qv_bias(attn: nn.Module) -> None:
     bias = attn.qkv.bias.detach()
     inner = bias.numel() // 3
     assert torch.all(bias[inner:2 * inner] == 0), "k bias must stay zero through pruning"
@@ -153,17 +165,15 @@ def prune_width(backbone: nn.Module, *, mlp_ratio: float = 0.0, head_ratio: floa
     params_before = sum(p.numel() for p in backbone.parameters())
     folded = [_fold_qv_bias(a) for a in attns]
     frozen = [p for p in backbone.parameters() if not p.requires_grad]
-    was_training = backbone.training
     try:
         for p in frozen:  # the tracer follows grad_fn: every weight must take part in autograd
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), preserve_modes(backbone):
             heads = _run_pruner(tp, backbone, attns, mlps, example_input, mlp_ratio, head_ratio,
                                 importance, round_to)
     finally:
         for p in frozen:
             p.requires_grad_(False)
-        backbone.train(was_training)
         for attn, was_folded in zip(attns, folded):
             if was_folded:
                 _unfold_qv_bias(attn)
@@ -233,12 +243,10 @@ def prune_to_macs(backbone: nn.Module, target_macs: int, example_input, *, impor
 def block_widths(model: nn.Module, stack: str | None = None) -> dict:
     """Heads and MLP hidden channels of every current block, keyed by ORIGINAL block index (str,
     as JSON keys are): {"heads": {"0": 3, ...}, "mlp_hidden": {"0": 192, ...}}."""
-    from blockdrop.compress.stack import find_block_stack
-
     found = find_block_stack(model, stack)
     heads, hidden = {}, {}
     for original, block in zip(found.original_indices, found.modules):
-        if not isinstance(getattr(block, "attn", None), Attention) or not isinstance(getattr(block, "mlp", None), Mlp):
+        if not (_is_attention(getattr(block, "attn", nn.Identity())) and _is_mlp(getattr(block, "mlp", nn.Identity()))):
             raise BlockdropError(f"block {original} at {found.path!r} is not a blockdrop ViT block (attn + mlp)")
         heads[str(original)], hidden[str(original)] = block.attn.heads, block.mlp.fc1.out_features
     return {"heads": heads, "mlp_hidden": hidden}
@@ -257,7 +265,7 @@ def _narrow_block(block: nn.Module, heads: int, hidden: int) -> None:
         inner = heads * attn.head_dim  # heads keep their size: whole heads were removed
         attn.qkv = nn.Linear(width, 3 * inner, bias=attn.qkv.bias is not None)
         attn.proj = nn.Linear(inner, width, bias=attn.proj.bias is not None)
-        if attn.q_bias is not None:
+        if getattr(attn, "q_bias", None) is not None:
             attn.q_bias, attn.v_bias = nn.Parameter(torch.zeros(inner)), nn.Parameter(torch.zeros(inner))
         attn.heads = heads
     if hidden != mlp.fc1.out_features:
@@ -268,8 +276,6 @@ def _narrow_block(block: nn.Module, heads: int, hidden: int) -> None:
 def apply_widths(model: nn.Module, widths: dict, stack: str | None = None) -> None:
     """Give the blocks of a freshly built (unpruned, full-depth) model the widths recorded by
     `block_widths`; the new layers are placeholders until the checkpoint's weights load."""
-    from blockdrop.compress.stack import find_block_stack
-
     found = find_block_stack(model, stack)
     by_original = dict(zip(found.original_indices, found.modules))
     heads_of, hidden_of = widths.get("heads", {}), widths.get("mlp_hidden", {})

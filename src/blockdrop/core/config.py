@@ -98,18 +98,34 @@ def _build(cls: type[T], data: Any, where: str, source: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         section = f"section '{where}'" if where else "the top level"
+        moved = getattr(cls, "MOVED", {}).get(unknown[0])
+        if moved:  # a key of an earlier schema: say where it lives now
+            raise ConfigError(f"{source}: key '{unknown[0]}' in {section} has moved to '{moved}'")
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' in {section} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         key = _describe(where, name)
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key, source)
+            value = data[name]
+            if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+                if dataclasses.is_dataclass(default):  # a partial section overrides the section's own defaults
+                    value = _merge(to_dict(default), value)
+            kwargs[name] = _convert(value, hints[name], key, source)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key '{key}'")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # __post_init__ checks raise ValueError naming the key
         raise ConfigError(f"{source}: {where or 'config'}: {err}") from None
+
+
+def _merge(base: dict, given: dict) -> dict:
+    """``given`` over ``base``, section by section (nested mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def from_dict(cls: type[T], data: dict, *, source: str = "<config>") -> T:

@@ -24,3 +24,10 @@ class ConfigError(BlockdropError):
 
 class CheckpointError(BlockdropError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+def listing(items, shown: int = 20) -> str:
+    """At most ``shown`` items, comma-separated, with a count of the rest (for error messages)."""
+    items = [str(i) for i in items]
+    more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

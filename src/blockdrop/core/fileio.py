@@ -8,6 +8,7 @@ restored if the swap fails).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +42,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    """``data`` as indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:

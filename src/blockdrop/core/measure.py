@@ -10,20 +10,23 @@ tests and docs can check the counter against arithmetic. See docs/measurement.md
 Known hole, plugged here: torch's registry has no formula for CPU's fused attention kernel
 (`aten._scaled_dot_product_flash_attention_for_cpu`, pytorch/pytorch#195460), so on CPU every
 `F.scaled_dot_product_attention` would silently count 0. We register torch's own SDPA formula
-for it, and report any matmul/conv/attention-like operator the counter still has no formula for
-in `uncounted_ops`, so a new hole shows up instead of lowering the count.
+for it. Any matmul/conv/attention-like operator the counter still has no formula for is an error
+(`UncountedOperatorError`, naming the operators), so a new hole stops the count instead of
+silently lowering it.
 """
 
 import contextlib
 import resource
 import sys
-import warnings
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from blockdrop.core.errors import BlockdropError
+from blockdrop.core.torchutil import eval_mode
 
 _aten = torch.ops.aten
 # fused attention kernels with q, k, v as their first three arguments, missing from older registries
@@ -36,6 +39,10 @@ _HEAVY_WORDS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "
 
 
 # ---- MACs --------------------------------------------------------------------------------------
+
+class UncountedOperatorError(BlockdropError):
+    """A multiply-accumulate operator ran that torch's FLOP counter has no formula for."""
+
 
 class _OpSpy(TorchDispatchMode):
     """Records every operator that actually executes (entered *below* the flop counter)."""
@@ -67,21 +74,17 @@ def _is_heavy(op) -> bool:
 
 
 def _run_counted(model: nn.Module, inputs, kwargs):
-    """One eval/no_grad forward under the flop counter -> (flop counts per module, uncounted ops)."""
+    """One eval/no_grad forward under the flop counter -> flop counts per module."""
     mapping = _extra_formulas()
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _OpSpy() as spy, counter:  # spy below the counter sees executed ops
-            model(*inputs, **kwargs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), _OpSpy() as spy, counter:  # spy below the counter sees executed ops
+        model(*inputs, **kwargs)
     known = set(flop_counter.flop_registry) | set(mapping)
     uncounted = sorted(str(op) for op in spy.ops if _is_heavy(op) and op not in known)
     if uncounted:
-        warnings.warn(f"MAC count misses operators with no FLOP formula: {', '.join(uncounted)}", stacklevel=3)
-    return counter.get_flop_counts(), uncounted
+        raise UncountedOperatorError(f"MAC count of {type(model).__name__}: operators with no FLOP formula ran "
+                                     f"({', '.join(uncounted)}); the count would be too low")
+    return counter.get_flop_counts()
 
 
 def _module_names(model: nn.Module) -> dict:
@@ -112,16 +115,16 @@ def count_macs(model: nn.Module, *inputs, **kwargs) -> dict:
     """Multiply-accumulates of one forward `model(*inputs, **kwargs)` (eval mode, no grad).
 
     Returns macs, gmacs, flops (= 2 * macs), linear_macs, linear_gmacs, by_op (MACs per aten
-    operator), modules (MACs per module name, "" = the model; parents include their children)
-    and uncounted_ops (names of matmul/conv/attention operators without a formula: should be []).
+    operator) and modules (MACs per module name, "" = the model; parents include their children).
+    Raises UncountedOperatorError when a matmul/conv/attention operator without a formula ran.
     """
-    counts, uncounted = _run_counted(model, inputs, kwargs)
+    counts = _run_counted(model, inputs, kwargs)
     by_op = {str(op): flops // 2 for op, flops in counts.get("Global", {}).items()}
     flops = sum(counts.get("Global", {}).values())
     per_module = _macs_by_module(model, counts)
     linear = _linear_macs(model, per_module)
     return {"macs": flops // 2, "gmacs": flops / 2e9, "flops": flops, "linear_macs": linear,
-            "linear_gmacs": linear / 1e9, "by_op": by_op, "modules": per_module, "uncounted_ops": uncounted}
+            "linear_gmacs": linear / 1e9, "by_op": by_op, "modules": per_module}
 
 
 def _block_names(model: nn.Module, blocks) -> list:
@@ -142,13 +145,12 @@ def macs_per_block(model: nn.Module, blocks, *inputs, **kwargs) -> dict:
     share of it spent inside the blocks.
     """
     names = _block_names(model, blocks)
-    counts, uncounted = _run_counted(model, inputs, kwargs)
+    counts = _run_counted(model, inputs, kwargs)
     per_module = _macs_by_module(model, counts)
     macs = [per_module.get(name, 0) for name in names]
     total = sum(counts.get("Global", {}).values()) // 2
     return {"names": names, "macs": macs, "linear_macs": [_linear_macs(model, per_module, n) for n in names],
-            "total_macs": total, "blocks_share": sum(macs) / total if total else 0.0,
-            "uncounted_ops": uncounted}
+            "total_macs": total, "blocks_share": sum(macs) / total if total else 0.0}
 
 
 def analytic_vit_macs(tokens: int, width: int, mlp_ratio: float = 4, depth: int = 1,
@@ -218,21 +220,14 @@ def measure_latency(fn, *inputs, device=None, threads: int | None = None, warmup
     """
     device = torch.device(device) if device is not None else _infer_device(inputs)
     threads = threads or torch.get_num_threads()
-    module = fn if isinstance(fn, nn.Module) else None
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
+    modes = eval_mode(fn) if isinstance(fn, nn.Module) else contextlib.nullcontext()
     timer = benchmark.Timer(stmt="fn(*inputs, **kwargs)", num_threads=threads,
                             globals={"fn": fn, "inputs": inputs, "kwargs": kwargs})
-    try:
-        with torch.inference_mode(), _num_threads(threads):
-            for _ in range(warmup):
-                fn(*inputs, **kwargs)
-            _synchronize(device)
-            measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    finally:
-        if module is not None:
-            module.train(was_training)
+    with modes, torch.inference_mode(), _num_threads(threads):
+        for _ in range(warmup):
+            fn(*inputs, **kwargs)
+        _synchronize(device)
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return {"median_ms": measurement.median * 1e3, "iqr_ms": measurement.iqr * 1e3,
             "mean_ms": measurement.mean * 1e3, "blocks": len(measurement.raw_times),
             "runs": len(measurement.raw_times) * measurement.number_per_run,
@@ -263,9 +258,7 @@ def peak_memory(model: nn.Module, *inputs, device=None, **kwargs) -> dict:
     """
     device = torch.device(device) if device is not None else _infer_device(inputs)
     static = _tensor_bytes(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if device.type == "cuda":
             return _cuda_peak(model, inputs, kwargs, device, static)
         before = _max_rss_bytes()
@@ -273,8 +266,6 @@ def peak_memory(model: nn.Module, *inputs, device=None, **kwargs) -> dict:
             model(*inputs, **kwargs)
         return {"kind": "cpu_static+rss_highwater", "device": str(device), "params_buffers_bytes": static,
                 "rss_highwater_increase_bytes": _max_rss_bytes() - before}
-    finally:
-        model.train(was_training)
 
 
 def _cuda_peak(model, inputs, kwargs, device, static) -> dict:

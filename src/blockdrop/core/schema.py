@@ -8,7 +8,7 @@ code can trust them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 def _positive(name: str, value: float | int | None) -> None:
@@ -52,6 +52,8 @@ class DataConfig:
             raise ValueError(f"'val_fraction' must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError(f"'min_keep' must be in (0, 1], got {self.min_keep}")
+        if self.num_workers < 0:
+            raise ValueError(f"'num_workers' must be >= 0, got {self.num_workers}")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
             raise ValueError(f"'augment': unknown {unknown}; choose from {list(AUGMENTATIONS)}")
@@ -135,14 +137,19 @@ class TrainConfig:
             raise ValueError("'warmup_epochs', 'weight_decay' and 'grad_clip' must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"'ema_decay' must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"'warmup_epochs' {self.warmup_epochs} must be below 'epochs' {self.epochs}: the "
+                             f"learning rate would never leave the warm-up")
+        _positive("threads", self.threads)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Post-processing and the metric used to select checkpoints on the validation split."""
+    """Post-processing, and the validation metric that picks the best epoch (and the compression's
+    accuracy budget)."""
 
     tiou_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
-    select_metric: str = "average_mAP"  # or "mAP@0.5", ...
+    best_epoch_metric: str = "average_mAP"  # or "mAP@0.5", ...: one of metric_names()
     min_score: float = 0.001
     pre_nms_topk: int = 2000
     max_segments: int = 200
@@ -150,34 +157,44 @@ class EvalConfig:
     voting_threshold: float = 0.75
     batch_size: int = 4
 
+    MOVED: ClassVar[dict] = {"select_metric": "eval.best_epoch_metric"}
+
     def __post_init__(self) -> None:
         if not self.tiou_thresholds or not all(0.0 < t < 1.0 for t in self.tiou_thresholds):
             raise ValueError("'tiou_thresholds' must be a non-empty list of values in (0, 1)")
+        for name in ("min_score", "pre_nms_topk", "max_segments", "nms_sigma", "batch_size"):
+            _positive(name, getattr(self, name))
+        if self.best_epoch_metric not in self.metric_names():
+            raise ValueError(f"'best_epoch_metric' {self.best_epoch_metric!r} is not a metric the evaluator "
+                             f"reports ({', '.join(self.metric_names())})")
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics validation reports (the names evaluation.detection_map gives them)."""
+        return ("average_mAP", *(f"mAP@{t:g}" for t in self.tiou_thresholds))
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    """Progressive Block Drop: selection, stopping rules, and the alignment fine-tune of each step."""
+class SelectionConfig:
+    """Step 1, block selection: how every remaining block's removal is scored (docs/compression.md)."""
 
-    teacher: str | None = None  # model.safetensors of the trained teacher (or --teacher)
-    evaluator: Literal["map", "loss", "feature_mse", "feature_cosine"] = "map"
-    selection_metric: str = "mAP@0.5"  # for the "map" evaluator (the released THUMOS recipe)
-    selection_videos: int | None = None  # score candidates on this many training videos (None: all)
+    # map: the detection metric of the model without the block (the paper; "score" is the same for
+    # any target: its own metric); loss: its ground-truth loss; feature_mse / feature_cosine: how
+    # much the block changes its input (block influence)
+    evaluator: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] = "map"
+    block_metric: str = "mAP@0.5"  # the map evaluator's score of a candidate (the released THUMOS recipe)
+    videos: int | None = None  # score candidates on this many training videos, seeded (None: all)
+
+    def __post_init__(self) -> None:
+        _positive("videos", self.videos)
+
+
+@dataclass(frozen=True)
+class StoppingConfig:
+    """When the loop ends: the first rule that fires (at least one of max_blocks / target_macs_reduction)."""
+
     max_blocks: int | None = None  # stop after dropping this many blocks
     target_macs_reduction: float | None = None  # stop once MACs fell by this fraction (e.g. 0.25)
-    max_accuracy_drop: float | None = None  # validation points below the teacher that end the run (rolled back)
-    teacher_mode: Literal["original", "previous"] = "original"
-    one_shot: bool = False  # ablation: drop all max_blocks at once (step-1 scores), one fine-tune of the same budget
-    lora_rank: int | None = None  # default: block width // 4
-    lora_targets: tuple[str, ...] = ("attn.qkv", "attn.proj")
-    trainable: tuple[str, ...] = ("norm", "tokenizer", "head")  # trained in full besides LoRA
-    feature_weight: float = 1.0
-    cls_kd_weight: float = 1.0
-    reg_kd_weight: float = 1.0
-    gt_weight: float = 1.0
-    temperature: float = 3.5
-    latency_threads: int = 2
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4, warmup_epochs=1))
+    max_accuracy_drop: float | None = None  # validation points below the teacher that end the run (that step is rolled back)
 
     def __post_init__(self) -> None:
         if self.max_blocks is None and self.target_macs_reduction is None:
@@ -185,10 +202,64 @@ class CompressConfig:
         _positive("max_blocks", self.max_blocks)
         if self.target_macs_reduction is not None and not 0 < self.target_macs_reduction < 1:
             raise ValueError(f"'target_macs_reduction' must be in (0, 1), got {self.target_macs_reduction}")
-        if self.one_shot and self.max_blocks is None:
-            raise ValueError("'one_shot' needs 'max_blocks'")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise ValueError(f"'max_accuracy_drop' must be >= 0, got {self.max_accuracy_drop}")
+
+
+def _alignment_train() -> TrainConfig:
+    return TrainConfig(epochs=10, lr=1e-4, warmup_epochs=1)
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Step 3, the LoRA fine-tune of each step against the frozen teacher."""
+
+    lora_rank: int | None = None  # default: (smallest in_features of the wrapped Linears) // 4, i.e. width / 4
+    lora_targets: tuple[str, ...] | None = None  # Linears inside a block; default: the block's attention projections
+    trainable: tuple[str, ...] | None = None  # regexes trained in full besides LoRA; default: the target's own set
+    weights: dict[str, float] = field(default_factory=dict)  # per loss term; unnamed terms weigh 1.0 (the released recipe)
+    temperature: float = 3.5  # class distillation temperature
+    score_unaligned: bool = True  # score the unaligned student (epoch 0) as a candidate: a step never gets worse
+    train: TrainConfig = field(default_factory=_alignment_train)
+
+    def __post_init__(self) -> None:
+        _positive("lora_rank", self.lora_rank)
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ValueError("'lora_targets' must name at least one Linear (or be left out for the default)")
         if self.temperature <= 0:
             raise ValueError(f"'temperature' must be positive, got {self.temperature}")
+        bad = {k: v for k, v in self.weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
+               or not v >= 0}
+        if bad:
+            raise ValueError(f"'weights' must be numbers >= 0, got {bad}")
+        object.__setattr__(self, "weights", {str(k): float(v) for k, v in self.weights.items()})
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Progressive Block Drop: selection, stopping rules, and the alignment fine-tune of each step."""
+
+    teacher: str | None = None  # model.safetensors of the trained teacher (or --teacher)
+    teacher_mode: Literal["original", "previous"] = "original"  # previous: the model the step starts from
+    strategy: Literal["progressive", "one_shot"] = "progressive"  # one_shot: the ablation (max_blocks at once)
+    latency_threads: int = 2  # CPU threads for latency (on a GPU the GPU is timed)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    stopping: StoppingConfig = field(default_factory=lambda: StoppingConfig(max_blocks=1))
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+    MOVED: ClassVar[dict] = {
+        "evaluator": "compress.selection.evaluator", "selection_metric": "compress.selection.block_metric",
+        "selection_videos": "compress.selection.videos", "max_blocks": "compress.stopping.max_blocks",
+        "target_macs_reduction": "compress.stopping.target_macs_reduction", "max_accuracy_drop": "compress.stopping.max_accuracy_drop",
+        "one_shot": "compress.strategy (one_shot)", "lora_rank": "compress.alignment.lora_rank", "lora_targets": "compress.alignment.lora_targets",
+        "trainable": "compress.alignment.trainable", "feature_weight": "compress.alignment.weights.feature",
+        "cls_kd_weight": "compress.alignment.weights.cls_kd", "reg_kd_weight": "compress.alignment.weights.reg_kd",
+        "gt_weight": "compress.alignment.weights.gt", "temperature": "compress.alignment.temperature", "train": "compress.alignment.train"}
+
+    def __post_init__(self) -> None:
+        _positive("latency_threads", self.latency_threads)
+        if self.strategy == "one_shot" and self.stopping.max_blocks is None:
+            raise ValueError("strategy 'one_shot' needs 'stopping.max_blocks'")
 
 
 @dataclass(frozen=True)
@@ -198,5 +269,11 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    compress: CompressConfig = field(default_factory=lambda: CompressConfig(max_blocks=1))
+    compress: CompressConfig = field(default_factory=CompressConfig)
     output: str = "runs/experiment"
+
+    def __post_init__(self) -> None:
+        selection = self.compress.selection
+        if selection.evaluator in ("map", "score") and selection.block_metric not in self.eval.metric_names():
+            raise ValueError(f"compress.selection.block_metric {selection.block_metric!r} is not a metric the "
+                             f"evaluator reports ({', '.join(self.eval.metric_names())})")

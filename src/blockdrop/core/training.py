@@ -24,8 +24,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from blockdrop.core import distributed as dist
-from blockdrop.core.schema import TrainConfig
+from blockdrop.core.errors import ConfigError
 from blockdrop.core.fileio import atomic_path
+from blockdrop.core.schema import TrainConfig
+from blockdrop.core.torchutil import model_device, to_device
 
 LossFn = Callable[[nn.Module, dict], dict]
 EvalFn = Callable[[nn.Module], dict]
@@ -34,9 +36,10 @@ EvalFn = Callable[[nn.Module], dict]
 @dataclass
 class FitResult:
     best_metric: float | None
-    best_epoch: int | None
+    best_epoch: int | None  # 0: the model as given scored best (evaluate_initial)
     epochs_run: int
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one record per trained epoch
+    initial: dict | None = None  # the metrics before the first epoch (evaluate_initial)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,17 +98,6 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-def _to_device(batch, device: torch.device):
-    """Move tensors (also inside dicts, lists and tuples) to ``device``; leave the rest."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _atomic_save(obj: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -123,6 +115,20 @@ class _Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+def check_schedule(cfg: TrainConfig, steps_per_epoch: int, config_name: str = "train") -> None:
+    """Refuse an EMA that would still be mostly the initial weights at the end of the run.
+
+    After n steps the EMA gives the starting weights a share of decay**n; above 10% the "best"
+    weights fit hands on are largely untrained (a 0.999 EMA over a 2-epoch alignment is)."""
+    steps = cfg.epochs * steps_per_epoch
+    if cfg.ema_decay > 0 and cfg.ema_decay ** steps > 0.1:
+        suggestion = 0.1 ** (1 / steps)
+        raise ConfigError(f"{config_name}.ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps "
+                          f"but the run has {steps} ({cfg.epochs} epochs x {steps_per_epoch}): the initial weights "
+                          f"would keep {cfg.ema_decay ** steps:.0%} of the average; use at most {suggestion:.3f}, "
+                          f"or 0 to turn EMA off")
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -131,20 +137,26 @@ def fit(
     *,
     evaluate_fn: EvalFn | None = None,
     select_metric: str = "average_mAP",
+    evaluate_initial: bool = False,
     param_groups: list[dict] | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     on_best: Callable[[nn.Module, dict], None] | None = None,
     progress: bool = True,
+    config_name: str = "train",
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs``; keep the best validation state via ``on_best``.
 
-    ``param_groups`` defaults to all parameters that require grad. The evaluated (and
-    saved) weights are the EMA weights when ``cfg.ema_decay > 0``.
+    ``train_loader`` is a DataLoader (its sampler and dataset are told the epoch) or any
+    re-iterable of batches. ``param_groups`` defaults to all parameters that require grad. The
+    evaluated (and saved) weights are the EMA weights when ``cfg.ema_decay > 0``. With
+    ``evaluate_initial`` the model is scored before the first epoch ("epoch 0") as a candidate
+    for best: training then only replaces it by an epoch that scores higher. ``config_name`` is
+    the section the settings came from, for error messages (e.g. "compress.alignment.train").
     """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +164,7 @@ def fit(
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = make_optimizer(groups, cfg)
     steps_per_epoch = max(1, len(train_loader))
+    check_schedule(cfg, steps_per_epoch, config_name)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
@@ -161,19 +174,26 @@ def fit(
     state_path = out / "train_state.pt" if out is not None else None
     if resume and state_path is not None and state_path.exists():
         start_epoch = _load_state(state_path, model, ema, optimizer, scheduler, result)
+    elif evaluate_initial and evaluate_fn is not None:
+        record = {"epoch": 0}
+        _validate(evaluate_fn, ema.module if ema is not None else model, record, 0, select_metric, result, on_best)
+        result.initial = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+        log(record)
 
+    sampler, dataset = getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)
     for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        if hasattr(train_loader.dataset, "set_epoch"):
-            train_loader.dataset.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         t0 = time.perf_counter()
         train_model.train()
         sums: dict[str, float] = {}
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (progress and dist.is_main()))
-        for batch in bar:
-            losses = _train_step(train_model, loss_fn, _to_device(batch, device), optimizer, cfg, device)
+        for step, batch in enumerate(bar):
+            losses = _train_step(train_model, loss_fn, to_device(batch, device), optimizer, cfg, device,
+                                 where=f"epoch {epoch + 1}, step {step + 1}")
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -182,15 +202,11 @@ def fit(
             bar.set_postfix(loss=f"{losses['total']:.4f}")
         record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - t0}
         record.update({f"loss/{k}": v / steps_per_epoch for k, v in sums.items()})
-        eval_model = ema.module if ema is not None else model
         if evaluate_fn is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = evaluate_fn(eval_model) if dist.is_main() else {}
-            record.update({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-            score = metrics.get(select_metric)
-            if score is not None and (result.best_metric is None or score > result.best_metric):
-                result.best_metric, result.best_epoch = float(score), epoch + 1
-                if on_best is not None:
-                    on_best(eval_model, record)
+            t1 = time.perf_counter()
+            _validate(evaluate_fn, ema.module if ema is not None else model, record, epoch + 1, select_metric,
+                      result, on_best)
+            record["val_time_s"] = time.perf_counter() - t1
         result.history.append(record)
         result.epochs_run = epoch + 1
         log(record)
@@ -202,13 +218,25 @@ def fit(
     return result
 
 
-def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device) -> dict[str, float]:
+def _validate(evaluate_fn, eval_model, record: dict, epoch: int, select_metric: str, result: FitResult,
+              on_best) -> None:
+    """Score ``eval_model`` (rank 0), add its metrics to ``record``, and keep it if it is the best yet."""
+    metrics = evaluate_fn(eval_model) if dist.is_main() else {}
+    record.update({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    score = metrics.get(select_metric)
+    if score is not None and (result.best_metric is None or score > result.best_metric):
+        result.best_metric, result.best_epoch = float(score), epoch
+        if on_best is not None:
+            on_best(eval_model, record)
+
+
+def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device, where: str = "") -> dict[str, float]:
     with _autocast(device, cfg.amp):
         losses = loss_fn(model, batch)
     total = losses["total"]
     if not torch.isfinite(total):
         values = {k: float(v) for k, v in losses.items()}
-        raise FloatingPointError(f"non-finite training loss: {values}")
+        raise FloatingPointError(f"non-finite training loss at {where}: {values}")
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if cfg.grad_clip > 0:
@@ -229,6 +257,7 @@ def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult,
             "best_metric": result.best_metric,
             "best_epoch": result.best_epoch,
             "history": json.dumps(result.history),
+            "initial": json.dumps(result.initial),
             "torch_rng": torch.get_rng_state(),
         },
         path,
@@ -244,6 +273,7 @@ def _load_state(path: Path, model, ema, optimizer, scheduler, result: FitResult)
     scheduler.load_state_dict(state["scheduler"])
     result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
     result.history = json.loads(state["history"])
+    result.initial = json.loads(state.get("initial", "null"))
     result.epochs_run = int(state["epoch"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"])

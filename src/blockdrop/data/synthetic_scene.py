@@ -8,12 +8,10 @@ videos show). Vectorized numpy over chunks of frames; everything random comes fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from blockdrop.data.synthetic import SyntheticSpec
+from blockdrop.data.synthetic_spec import SyntheticSpec
 
 _CHUNK = 64  # frames drawn at once; bounds memory at large sizes
 

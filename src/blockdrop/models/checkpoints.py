@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blockdrop.core.errors import CheckpointError
+from blockdrop.core.errors import CheckpointError, listing
 from blockdrop.models.tokenizers import TubeletEmbed, sinusoid_table
 from blockdrop.models.vit import ClipVideoBackbone, VisionTransformer
 
-_SHOWN = 20  # keys listed per problem in an error message
 
 # (pattern, replacement) pairs, first match wins; q/k/v land on attn.q/k/v.* and are fused later
 _HF_VIDEOMAE = [
@@ -77,12 +76,6 @@ def _as_state(source) -> dict:
     return source.state_dict() if isinstance(source, nn.Module) else dict(source)
 
 
-def _listing(keys) -> str:
-    keys = list(keys)
-    more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return ", ".join(keys[:_SHOWN]) + more
-
-
 def _rename(state: dict, rules, ignore=()) -> tuple[dict, dict, list]:
     """Apply rules to every key: ({our key: tensor}, {our key: source key}, ignored source keys).
 
@@ -119,7 +112,7 @@ def _assign(vit: VisionTransformer, state: dict, origin: dict, ignored: list, so
     unexpected = [origin.get(k, k) for k in state if k not in own]
     misshaped = [f"{origin.get(k, k)} {tuple(torch.as_tensor(v).shape)} vs model {k} {tuple(own[k].shape)}"
                  for k, v in state.items() if k in own and torch.as_tensor(v).shape != own[k].shape]
-    problems = [f"{name} ({len(keys)}): {_listing(keys)}" for name, keys in
+    problems = [f"{name} ({len(keys)}): {listing(keys)}" for name, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshaped))
                 if keys]
     if problems:

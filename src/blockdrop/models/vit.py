@@ -131,19 +131,17 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, tokenizer: nn.Module, *, depth: int, width: int, heads: int,
                  mlp_ratio: float = 4.0, qkv_bias: str = "qv", layer_scale: float | None = None,
-                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, final_norm: str = "tokens",
-                 input_size: tuple | None = None):
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, final_norm: str = "tokens"):
         super().__init__()
         if final_norm not in ("tokens", "pooled", "none"):
             raise ConfigError(f"final_norm must be 'tokens', 'pooled' or 'none', got {final_norm!r}")
         self.tokenizer = tokenizer
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks drop more often
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # deeper blocks drop more often
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, qkv_bias, layer_scale, rate, norm_eps) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "tokens" else None
         self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "pooled" else None
         self.width = width
-        self.input_size = input_size  # intended input without batch, e.g. (T, H, W); for measurement
         self.apply(_init_linear)
 
     @property
@@ -304,18 +302,18 @@ def _grid(img_size, patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
-def videomae_vit(size: str = "S", img_size=160, num_frames: int = 16, *, patch: int = 16,
+def videomae_vit(size: str = "S", num_frames: int = 16, *, patch: int = 16,
                  tubelet: int = 2, pos_img_size=224, final_norm: str = "none", spatial_pool: str = "mean",
                  **overrides) -> VisionTransformer:
     """VideoMAE ViT: q/v biases, LayerNorm eps 1e-6, sin-cos positions defined at `pos_img_size`.
 
-    img_size and num_frames are the intended input (kept as `input_size` for measurement); the
-    positions adapt to any input. final_norm "none" matches OpenTAD's feature path.
+    The positions adapt to any input size (interpolated from the table at `pos_img_size` and
+    `num_frames`); final_norm "none" matches OpenTAD's feature path.
     """
     depth, width, heads = _size(size, overrides)
     tokenizer = TubeletEmbed(width, patch, tubelet, _grid(pos_img_size, patch), num_frames, pool=spatial_pool)
     return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, qkv_bias="qv",
-                             final_norm=final_norm, input_size=(num_frames, *_hw(img_size)), **overrides)
+                             final_norm=final_norm, **overrides)
 
 
 def dinov2_vit(size: str = "S", patch: int = 14, *, img_size=518, pool: str = "cls",
@@ -324,8 +322,7 @@ def dinov2_vit(size: str = "S", patch: int = 14, *, img_size=518, pool: str = "c
     depth, width, heads = _size(size, overrides)
     tokenizer = FramePatchEmbed(width, patch, _grid(img_size, patch), pool=pool)
     return VisionTransformer(tokenizer, depth=depth, width=width, heads=heads, qkv_bias="all",
-                             layer_scale=layer_scale, final_norm="tokens",
-                             input_size=(1, *_hw(img_size)), **overrides)
+                             layer_scale=layer_scale, final_norm="tokens", **overrides)
 
 
 def sequence_vit(in_channels: int, patch: int, depth: int = 6, width: int = 192, heads: int = 3, *,

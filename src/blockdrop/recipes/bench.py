@@ -4,36 +4,35 @@ Also the shared pieces of benchmarks/depth_vs_width.py and benchmarks/gpu.py: th
 model (operator-level MACs counted on the meta device, parameters) and latency measured in
 interleaved rounds, so that a slow drift of the machine (another job starting, thermal limits)
 spreads over every variant instead of landing on one. Protocol: docs/measurement.md.
-torch is imported inside the functions: the CLI builds this parser on every start.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
 import statistics
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
+from blockdrop.compress.stack import drop_blocks
+from blockdrop.compress.width import prune_to_macs
 from blockdrop.core.errors import BlockdropError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from blockdrop.core.measure import count_macs, count_params, measure_latency
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.data.annotations import get_preset
+from blockdrop.recipes.build import (build_detector, example_window, input_channels, load_experiment_annotations,
+                                     make_source)
 
 
 # ---- cost and latency ----------------------------------------------------------------------------
 
 def model_cost(model: nn.Module, *inputs) -> dict:
     """gmacs (operator level), linear_gmacs and params of one forward; counted on `meta` from shapes."""
-    from blockdrop.core.measure import count_macs, count_params
-
     meta = copy.deepcopy(model).to("meta")
     macs = count_macs(meta, *(x.to("meta") for x in inputs))
-    if macs["uncounted_ops"]:
-        raise BlockdropError(f"MAC count misses operators: {', '.join(macs['uncounted_ops'])}")
     return {"macs": macs["macs"], "gmacs": macs["gmacs"], "linear_gmacs": macs["linear_gmacs"],
             "params": count_params(model)["total"]}
 
@@ -54,8 +53,6 @@ def measure_interleaved(variants: dict, inputs: tuple, *, rounds: int = 5, threa
     one variant later each round so no variant is always first. Per variant: latency_ms = median
     of the round medians, iqr_ms = their interquartile range, rounds_ms = the round medians.
     """
-    from blockdrop.core.measure import measure_latency
-
     names = list(variants)
     per_round = {name: [] for name in names}
     for r in range(rounds):
@@ -130,36 +127,27 @@ def load_average() -> list[float] | None:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def _bench_config(args: argparse.Namespace):
-    """The experiment config without pretrained weights: cost does not depend on them."""
-    from blockdrop.cli import load_experiment
-
-    cfg = load_experiment(args)
-    return replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
+def _num_classes(cfg: ExperimentConfig, classes: int | None) -> int:
+    if classes is not None:
+        return classes
+    return get_preset(cfg.data.preset).num_classes if cfg.data.preset is not None else 20
 
 
-def _num_classes(cfg, flag: int | None) -> int:
-    if flag is not None:
-        return flag
-    if cfg.data.preset is not None:
-        from blockdrop.data.annotations import get_preset
-
-        return get_preset(cfg.data.preset).num_classes
-    return 20
-
-
-def _in_channels(cfg, flag: int | None) -> int:
-    if flag is not None:
-        return flag
+def _in_channels(cfg: ExperimentConfig, channels: int | None) -> int:
+    """The flag's value; 3 for video; else read from the config's data (the first sequence)."""
+    if channels is not None:
+        return channels
     if cfg.data.kind == "video":
         return 3
-    raise BlockdropError("data.kind is 'sequence': pass the number of input channels with --in-channels")
+    try:
+        annotations = load_experiment_annotations(cfg.data)
+    except BlockdropError as err:
+        raise BlockdropError(f"{err}; or pass the number of input channels with --in-channels") from None
+    return input_channels(cfg.data, annotations, make_source(cfg.data, annotations))
 
 
 def _backbone_example(cfg, in_channels: int) -> torch.Tensor:
     """Input for width pruning: one clip (cost is linear in clips) or the whole sequence."""
-    import torch
-
     if cfg.data.kind == "video":
         size = cfg.data.frame_size
         return torch.randn(1, 3, cfg.backbone.clip_len, size, size)
@@ -168,8 +156,6 @@ def _backbone_example(cfg, in_channels: int) -> torch.Tensor:
 
 def _dropped_copy(model: nn.Module, part: str, count: int) -> nn.Module:
     """A copy of `model` whose backbone (`part`) lost its last `count` blocks (all blocks cost the same)."""
-    from blockdrop.compress.stack import drop_blocks
-
     copied = copy.deepcopy(model)
     backbone = copied.get_submodule(part)
     depth = len(backbone.blocks)
@@ -195,8 +181,6 @@ def depth_width_variants(model: nn.Module, example: torch.Tensor, *, drops: int,
     out = [{"name": "original", "kind": "original", "model": model, "width": None}]
     dropped = {d: _dropped_copy(model, part, d) for d in range(1, last + 1)}
     out += [{"name": f"drop {d}", "kind": "depth", "model": dropped[d], "width": None} for d in range(1, drops + 1)]
-    if width or combo:
-        from blockdrop.compress.width import prune_to_macs
     if width:
         for d in range(1, drops + 1):
             target = model_cost(dropped[d].get_submodule(part), example)["macs"]
@@ -213,61 +197,28 @@ def depth_width_variants(model: nn.Module, example: torch.Tensor, *, drops: int,
     return out
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    cfg = _bench_config(args)
-    in_channels = _in_channels(cfg, args.in_channels)
-    if args.threads is not None and args.threads < 1:
-        raise BlockdropError(f"--threads {args.threads}: must be at least 1")
+def bench_config(cfg: ExperimentConfig, *, drop: int = 4, width: bool = False, rounds: int = 3,
+                 threads: int | None = None, warmup: int = 2, min_run_time: float = 1.0,
+                 classes: int | None = None, in_channels: int | None = None) -> list[dict]:
+    """Cost rows of the config's detector (random weights): original, 1..``drop`` blocks dropped,
+    and with ``width`` the width-pruned models of equal MACs; latency in ``rounds`` interleaved rounds."""
+    cfg = replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))  # cost only
+    in_channels = _in_channels(cfg, in_channels)
+    if threads is not None and threads < 1:
+        raise BlockdropError(f"--threads {threads}: must be at least 1")
     torch.manual_seed(0)
-    from blockdrop.recipes.build import build_detector, example_window
-
-    detector = build_detector(cfg, _num_classes(cfg, args.classes), in_channels).eval()
+    detector = build_detector(cfg, _num_classes(cfg, classes), in_channels).eval()
     depth = len(detector.backbone.blocks)
-    if not 0 <= args.drop < depth:
-        raise BlockdropError(f"--drop {args.drop}: must be between 0 and {depth - 1} (the backbone has {depth} blocks)")
+    if not 0 <= drop < depth:
+        raise BlockdropError(f"--drop {drop}: must be between 0 and {depth - 1} (the backbone has {depth} blocks)")
     inputs = example_window(cfg, in_channels)  # one zero window, batch 1, as the dataset delivers it
-    variants = depth_width_variants(detector, _backbone_example(cfg, in_channels), drops=args.drop,
-                                    width=args.width, part="backbone")
+    variants = depth_width_variants(detector, _backbone_example(cfg, in_channels), drops=drop, width=width,
+                                    part="backbone")
     rows = [{"name": v["name"], "kind": v["kind"], **block_shapes(v["model"].backbone),
              **model_cost(v["model"], *inputs)} for v in variants]
-    if args.rounds > 0:
-        latency = measure_interleaved({v["name"]: v["model"] for v in variants}, inputs, rounds=args.rounds,
-                                      threads=args.threads, warmup=args.warmup, min_run_time=args.min_run_time)
+    if rounds > 0:
+        latency = measure_interleaved({v["name"]: v["model"] for v in variants}, inputs, rounds=rounds,
+                                      threads=threads, warmup=warmup, min_run_time=min_run_time)
         for row in rows:
             row.update(latency[row["name"]])
-    add_ratios(rows, rows[0])
-    threads = args.threads or torch.get_num_threads()
-    print(f"{args.config}: window {cfg.data.window} ({cfg.data.kind}), batch 1, random weights, "
-          f"{threads} CPU threads, {cpu_name()}, torch {torch.__version__}")
-    print(format_table(rows))
-    return 0
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` on the CLI's subparsers."""
-    from blockdrop.cli import _add_config_args
-
-    p = subparsers.add_parser("bench", help="GMACs, parameters and CPU latency of a config's detector, "
-                                            "original and with blocks dropped")
-    _add_config_args(p)
-    p.add_argument("--drop", type=int, default=4, help="also measure with 1..N blocks dropped (default 4)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's current setting)")
-    p.add_argument("--width", action="store_true",
-                   help="also width-prune to the MACs of each drop point (needs blockdrop[prune])")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (0: MACs and params only)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before the first timing of a variant")
-    p.add_argument("--min-run-time", type=_positive_float, default=1.0,
-                   help="seconds timed per variant per round")
-    p.add_argument("--classes", type=int, default=None, help="detection classes (default: the preset's, else 20)")
-    p.add_argument("--in-channels", type=int, default=None, help="input channels (sequence data; video: 3)")
-    p.set_defaults(func=cmd_bench)
-    return p
+    return add_ratios(rows, rows[0])

@@ -1,21 +1,90 @@
-"""From an ExperimentConfig to the objects a recipe runs: annotations, sources, datasets, detector.
+"""From a config file to the objects a recipe runs: the checked config, annotations, sources,
+datasets, detector.
 
-Everything a config can say is turned into objects here and nowhere else, so `train`,
-`eval` and `compress` build identical models and data from the same file.
+Everything a config can say is turned into objects here and nowhere else, so `train`, `eval`
+and `compress` build identical models and data from the same file. `load_experiment` reads a
+config and checks, before anything runs, what only the model can tell: the LoRA targets and
+trainable patterns exist, and ``max_blocks`` leaves a block (a detector built on the meta device,
+which costs no memory).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import hashlib
+import platform
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib.resources import files
 from pathlib import Path
 
+import av
 import numpy as np
+import torch
 from torch import nn
 
-from blockdrop.data.annotations import Annotations, load_annotations
-from blockdrop.data.dataset import TADDataset
-from blockdrop.core.errors import ConfigError, DataError
+from blockdrop.compress.align import resolve_weights
+from blockdrop.compress.lora import check_lora
+from blockdrop.compress.saving import load_compressed, read_compressed_metadata
+from blockdrop.compress.stack import find_block_stack
+from blockdrop.compress.width import apply_widths
+from blockdrop.core.config import from_dict, load_config, to_dict
+from blockdrop.core.errors import BlockdropError, ConfigError, DataError
 from blockdrop.core.schema import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
+from blockdrop.data.annotations import Annotations, get_preset, load_annotations
+from blockdrop.data.dataset import TADDataset
+from blockdrop.data.sequences import SequenceSource
+from blockdrop.data.video import VideoSource
+from blockdrop.models import checkpoints, vit
+from blockdrop.models.actionformer import ActionFormerHead
+from blockdrop.models.detector import Detector
+from blockdrop.tad.target import DETECTOR_TRAINABLE, DetectorTarget
+
+SHIPPED = Path(str(files("blockdrop") / "configs"))
+
+
+# ---- the config -----------------------------------------------------------------------------------
+
+def resolve_config_path(text: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (``hapt`` -> configs/hapt.yaml)."""
+    path = Path(text)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = SHIPPED / f"{text}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    raise ConfigError(f"config {str(text)!r}: no such file, and not a shipped config ({', '.join(names)})")
+
+
+def load_experiment(config: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a config file (or a shipped config's name) with ``--set`` overrides, and check it."""
+    path = resolve_config_path(config)
+    cfg = load_config(ExperimentConfig, path, overrides)
+    check_experiment(cfg, source=str(path))
+    return cfg
+
+
+def _num_classes(cfg: ExperimentConfig) -> int:
+    return get_preset(cfg.data.preset).num_classes if cfg.data.preset is not None else 1
+
+
+def check_experiment(cfg: ExperimentConfig, source: str = "config") -> None:
+    """What a config says that only the model can check, named by flag; raises ConfigError."""
+    with torch.device("meta"):  # shapes and names only: no memory, no weights read
+        model = build_detector(replace(cfg, backbone=replace(cfg.backbone, checkpoint=None)),
+                               _num_classes(cfg), 3 if cfg.data.kind == "video" else 1)
+    a, stop = cfg.compress.alignment, cfg.compress.stopping
+    trainable = a.trainable if a.trainable is not None else DETECTOR_TRAINABLE
+    try:
+        check_lora(model, DetectorTarget.stack_path, targets=a.lora_targets, trainable=trainable,
+                   rank=a.lora_rank, where="compress.alignment.")
+        resolve_weights(DetectorTarget, a.weights, where="compress.alignment.weights")
+    except BlockdropError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    depth = find_block_stack(model, DetectorTarget.stack_path).depth
+    if stop.max_blocks is not None and stop.max_blocks >= depth:
+        raise ConfigError(f"{source}: compress.stopping.max_blocks {stop.max_blocks} must be below the backbone's "
+                          f"{depth} blocks (at least one stays)")
 
 
 def load_experiment_annotations(data: DataConfig) -> Annotations:
@@ -31,8 +100,6 @@ def data_fingerprint(data: DataConfig, annotations: Annotations, source) -> dict
     SHA-256 over every annotated video's file name and byte size (a re-rendered or re-encoded
     video set changes it; file contents are not read). Written into a run's summary so two runs
     that differ can be told apart by their data."""
-    import hashlib
-
     listing = hashlib.sha256()
     total = 0
     for video_id in sorted(annotations.videos):
@@ -49,16 +116,10 @@ def data_fingerprint(data: DataConfig, annotations: Annotations, source) -> dict
 def software_versions(video: bool) -> dict:
     """What decides the numbers besides code, config and data: torch, numpy, the CPU kernel level
     torch uses, and PyAV (with its FFmpeg) for video."""
-    import platform
-
-    import torch
-
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 # the CPU kernels torch dispatches to (e.g. AVX2 vs AVX512) change float rounding
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
     if video:
-        import av
-
         versions["av"] = av.__version__
         versions["ffmpeg_libavcodec"] = ".".join(map(str, av.library_versions.get("libavcodec", ())))
     return versions
@@ -79,11 +140,7 @@ def make_source(data: DataConfig, annotations: Annotations):
     media = Path(data.root) / data.media
     rate = input_rate(data, annotations)
     if data.kind == "sequence":
-        from blockdrop.data.sequences import SequenceSource
-
         return SequenceSource(media, rate)
-    from blockdrop.data.video import VideoSource
-
     return VideoSource(media, fps=rate, size=data.frame_size, crop=data.frame_size, cache_dir=data.cache_dir)
 
 
@@ -134,8 +191,6 @@ def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: boo
 
 
 def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:
-    from blockdrop.models import vit
-
     dims = {k: v for k, v in (("depth", bb.depth), ("width", bb.width), ("heads", bb.heads)) if v is not None}
     if bb.kind == "sequence":
         if bb.size is not None:
@@ -146,7 +201,7 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
     elif bb.kind == "videomae":
         pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
         model = vit.ClipVideoBackbone(
-            vit.videomae_vit(bb.size or "S", img_size=data.frame_size, num_frames=bb.clip_len, patch=bb.patch,
+            vit.videomae_vit(bb.size or "S", num_frames=bb.clip_len, patch=bb.patch,
                              tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
                              drop_path_rate=bb.drop_path, **dims),
             clip_len=bb.clip_len, input_mode=bb.input)
@@ -162,8 +217,6 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
 
 
 def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
-    from blockdrop.models import checkpoints
-
     vit_model = model.vit if hasattr(model, "vit") else model
     if bb.checkpoint_format == "onnx_dinov2":
         checkpoints.load_onnx_dinov2(vit_model, bb.checkpoint)
@@ -175,8 +228,6 @@ def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
 
 
 def build_head(head: HeadConfig, in_channels: int, num_classes: int, max_seq_len: int) -> nn.Module:
-    from blockdrop.models.actionformer import ActionFormerHead
-
     return ActionFormerHead(in_channels, num_classes, max_seq_len=max_seq_len, embed_dim=head.embed_dim,
                             fpn_dim=head.fpn_dim, head_dim=head.head_dim, num_levels=head.num_levels,
                             attn_window=head.attn_window, center_radius=head.center_sample_radius,
@@ -185,8 +236,6 @@ def build_head(head: HeadConfig, in_channels: int, num_classes: int, max_seq_len
 
 def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) -> nn.Module:
     """Backbone + ActionFormer head for windows of ``cfg.data.window`` input steps."""
-    from blockdrop.models.detector import Detector
-
     backbone = build_backbone(cfg.backbone, cfg.data, in_channels)
     max_seq_len = int(round(cfg.data.window / backbone.feature_stride))
     return Detector(backbone, build_head(cfg.head, backbone.out_channels, num_classes, max_seq_len))
@@ -194,33 +243,41 @@ def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) ->
 
 def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
     """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture."""
-    from blockdrop.core.config import to_dict
-
     return {"kind": "blockdrop.detector", "config": to_dict(cfg), "classes": list(classes),
             "in_channels": int(in_channels)}
 
 
+def builder_config(builder: dict, source: str = "checkpoint metadata") -> ExperimentConfig:
+    """The architecture part of a builder's config (data, backbone, head) as an ExperimentConfig.
+
+    Training, evaluation and compression settings are not read: a model saved by an earlier
+    version, whose config had other keys there, still rebuilds."""
+    if builder.get("kind") != "blockdrop.detector":
+        raise ConfigError(f"{source}: unknown model builder kind {builder.get('kind')!r}")
+    config = builder.get("config") or {}
+    return from_dict(ExperimentConfig, {k: config[k] for k in ("data", "backbone", "head") if k in config},
+                     source=source)
+
+
 def build_from_builder(builder: dict) -> nn.Module:
     """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow)."""
-    from blockdrop.core.config import from_dict
-
-    if builder.get("kind") != "blockdrop.detector":
-        raise ConfigError(f"unknown model builder kind {builder.get('kind')!r}")
-    cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
-    bb = asdict(cfg.backbone) | {"checkpoint": None, "checkpoint_format": None}
-    cfg = from_dict(ExperimentConfig, {**builder["config"], "backbone": bb}, source="checkpoint metadata")
+    cfg = builder_config(builder)
+    cfg = replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
     model = build_detector(cfg, len(builder["classes"]), builder["in_channels"])
     if builder.get("widths"):  # a width-pruned model (compress.width.with_widths)
-        from blockdrop.compress.width import apply_widths
-
         apply_widths(model, builder["widths"], stack="backbone.blocks")
     return model
 
 
+def load_detector(path: str | Path) -> tuple[nn.Module, dict]:
+    """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed):
+    (model, builder)."""
+    model = load_compressed(path, build_from_builder)
+    return model, read_compressed_metadata(path).builder
+
+
 def example_window(cfg: ExperimentConfig, channels: int):
     """One zero test window (batch 1) and its mask: the unit MACs and latency are reported for."""
-    import torch
-
     if cfg.data.kind == "sequence":
         inputs = torch.zeros(1, cfg.data.window, channels)
     else:

@@ -7,24 +7,23 @@ Block Drop of 2 blocks with cross-depth alignment -> score every step once on th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
+from blockdrop.data.hapt import convert_hapt
+from blockdrop.recipes.build import load_experiment
+from blockdrop.recipes.compress import compress_experiment
+from blockdrop.recipes.evaluate import evaluate_checkpoint
+from blockdrop.recipes.runs import MODEL_FILE
+from blockdrop.recipes.train import train_experiment
 
 
 def demo_config(out: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    from importlib.resources import files
-
-    path = Path(str(files("blockdrop") / "configs" / "demo.yaml"))
-    return load_config(ExperimentConfig, path, [f"data.root={out / 'data' / 'hapt'}", f"output={out}", *overrides])
+    return load_experiment("demo", [f"data.root={out / 'data' / 'hapt'}", f"output={out}", *overrides])
 
 
 def run_demo(out: str | Path = "blockdrop-demo", overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
-    from blockdrop.data.hapt import convert_hapt
-    from blockdrop.recipes.experiments import MODEL_FILE, compress_experiment, evaluate_checkpoint, train_experiment
-
     out = Path(out)
     cfg = demo_config(out, overrides)
     data = Path(cfg.data.root)
@@ -37,17 +36,16 @@ def run_demo(out: str | Path = "blockdrop-demo", overrides: Sequence[str] = (), 
     say(f"compressing it in {out / 'compressed'}")
     history = compress_experiment(cfg, teacher=out / "teacher" / MODEL_FILE, out=out / "compressed", resume=True,
                                   progress=progress)
-    rows = [("teacher", out / "teacher" / MODEL_FILE, history["teacher"])]
-    rows += [(f"step {s['step']}", out / "compressed" / f"step_{s['step']:02d}" / MODEL_FILE, s)
-             for s in history["steps"]]
+    rows = [("teacher", out / "teacher" / MODEL_FILE, history.teacher)]
+    rows += [(f"step {s.step}", out / "compressed" / f"step_{s.step:02d}" / MODEL_FILE, s) for s in history.steps]
     table = []
     for name, model_path, record in rows:
         test = evaluate_checkpoint(cfg, model_path, subset="test")
-        table.append({"model": name, "blocks": test["blocks"], "gmacs": record["gmacs"],
-                      "latency_ms": record["latency_ms"], "val_average_mAP": record["val"]["average_mAP"],
+        table.append({"model": name, "blocks": test["blocks"], "gmacs": record.cost.gmacs,
+                      "latency_ms": record.cost.latency_ms, "val_average_mAP": record.val["average_mAP"],
                       "test_average_mAP": test["average_mAP"], "test_mAP@0.5": test["mAP@0.5"]})
     print(format_table(table))
-    print(f"stopped: {history['stopped']}")
+    print(f"stopped: {history.stopped}")
     return table
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.fileio import atomic_path, atomic_write_text
+from blockdrop.recipes.build import builder_config, example_window, load_detector
 
 FORMATS = ("pt2", "onnx")
 OUTPUT_NAMES = ("cls_logits", "offsets", "valid", "points")
@@ -61,11 +62,7 @@ class ExportResult:
 
 def _check_window(builder: dict, batch: int):
     """A deterministic, non-trivial window of the model's input shape (random frames or values)."""
-    from blockdrop.recipes.build import example_window
-    from blockdrop.core.config import from_dict
-    from blockdrop.core.schema import ExperimentConfig
-
-    cfg = from_dict(ExperimentConfig, builder["config"], source="checkpoint metadata")
+    cfg = builder_config(builder)
     zeros, mask = example_window(cfg, builder["in_channels"])
     gen = torch.Generator().manual_seed(0)
     if zeros.dtype == torch.uint8:
@@ -113,7 +110,6 @@ def _export_onnx(raw: nn.Module, args: tuple, tmp: Path):
 def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2", batch: int = 1,
                     tolerance: float = 1e-4) -> ExportResult:
     """Export ``checkpoint`` (a `train` or `compress` model.safetensors) to ``out``."""
-    from blockdrop.recipes.experiments import load_detector
 
     if fmt not in FORMATS:
         raise BlockdropError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

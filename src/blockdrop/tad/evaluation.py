@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from blockdrop.core.errors import AnnotationError, BlockdropError, DataError
+from blockdrop.tad.segments import tiou
 
 THUMOS_TIOU = (0.3, 0.4, 0.5, 0.6, 0.7)
 ACTIVITYNET_TIOU = tuple(round(0.5 + 0.05 * i, 10) for i in range(10))
@@ -105,8 +106,8 @@ def class_average_precision(gt_video, gt_segments, pred_video, pred_segments, pr
     is_tp = np.zeros((len(thresholds), num_pred), dtype=bool)  # columns in score order
     for video, rows in _rows_by_video(pred_video[pred_rows]).items():
         p_rows = pred_rows[rows]  # in score order
-        tiou = tiou_matrix(pred_segments[p_rows], gt_segments[gt_rows[video]])  # (P_v, G_v)
-        is_tp[:, p_rows] = greedy_match(tiou, thresholds)
+        overlap = tiou(pred_segments[p_rows], gt_segments[gt_rows[video]])  # (P_v, G_v)
+        is_tp[:, p_rows] = greedy_match(overlap, thresholds)
     tp = np.cumsum(is_tp, axis=1)
     precision = tp / np.arange(1, num_pred + 1)
     recall = tp / num_gt
@@ -118,13 +119,6 @@ def _rows_by_video(video: np.ndarray) -> dict[int, np.ndarray]:
     order = np.argsort(video, kind="stable")
     ids, starts = np.unique(video[order], return_index=True)
     return dict(zip(ids.tolist(), np.split(order, starts[1:])))
-
-
-def tiou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Temporal IoU of segments a (N, 2) against b (M, 2): (N, M); 0 where the union is empty."""
-    inter = np.clip(np.minimum(a[:, None, 1], b[None, :, 1]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def greedy_match(tiou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""Post-processing: per-window detections in feature steps -> one video's detections in seconds.
+"""Post-processing: per-window detections in input steps -> one video's detections in seconds.
 
-The recipe (``postprocess_video``): feature steps -> input steps (x feature_stride), keep the
-top-k candidates above a score floor in each window, shift each window by its start and
+The recipe (``postprocess_video``): keep the top-k candidates above a score floor in each
+window (the detector has already turned feature steps into input steps), shift each window by its start and
 concatenate a video's windows, Gaussian soft-NMS per class with score voting, input steps ->
 seconds (/ rate) clamped to [0, duration]. ``detections_to_results`` and ``save_results``
 write the ``{"results": {video: [{segment, label, score}]}}`` file that evaluation reads.
@@ -23,6 +23,7 @@ import torch
 
 from blockdrop.core.errors import BlockdropError, DataError
 from blockdrop.core.fileio import atomic_path
+from blockdrop.tad.segments import tiou
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # segments (N, 2), scores (N,), labels (N,)
 
@@ -36,18 +37,6 @@ class PostprocessConfig:
     sigma: float = 0.7  # Gaussian soft-NMS: score *= exp(-iou^2 / sigma)
     voting_threshold: float = 0.75  # 0 disables score voting
     max_segments: int = 200  # per video, after soft-NMS
-
-
-def segment_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of segments a (N, 2) against b (M, 2): (N, M); 0 where the union is empty."""
-    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-    union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
-
-
-def feature_to_input_steps(segments: torch.Tensor, feature_stride: float) -> torch.Tensor:
-    """(N, 2) feature steps -> (N, 2) input steps of the same window."""
-    return segments * feature_stride
 
 
 def input_steps_to_seconds(segments: torch.Tensor, rate: float, duration: float | None = None) -> torch.Tensor:
@@ -89,7 +78,7 @@ def nms(segments, scores, labels, iou_threshold: float, class_agnostic: bool = F
     while remaining.numel() and (max_segments is None or len(keep) < max_segments):
         best, rest = remaining[0], remaining[1:]
         keep.append(best)
-        iou = segment_iou(segments[best][None], segments[rest])[0]  # (R,)
+        iou = tiou(segments[best][None], segments[rest])[0]  # (R,)
         remaining = rest[~((iou > iou_threshold) & (group[rest] == group[best]))]
     keep = torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
     return segments[keep], scores[keep], labels[keep]
@@ -138,7 +127,7 @@ def _soft_nms_group(segments: np.ndarray, scores: np.ndarray, sigma: float, min_
 
     Dead candidates are compacted away as they accumulate, so late picks touch few elements."""
     index = np.arange(len(scores))
-    starts, ends = segments[:, 0].copy(), segments[:, 1].copy()
+    current = segments.copy()  # (n, 2): the candidates still compacted in
     decayed = scores.copy()
     alive = np.ones(len(scores), dtype=bool)
     picks = []
@@ -146,30 +135,26 @@ def _soft_nms_group(segments: np.ndarray, scores: np.ndarray, sigma: float, min_
         best = int(np.argmax(np.where(alive, decayed, -np.inf)))  # first index on ties
         picks.append((float(decayed[best]), int(index[best])))
         alive[best] = False
-        inter = np.clip(np.minimum(ends, ends[best]) - np.maximum(starts, starts[best]), 0, None)
-        union = (ends - starts) + (ends[best] - starts[best]) - inter
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+        iou = tiou(current[best:best + 1], current)[0]  # (n,)
         decayed = decayed * np.exp(-np.square(iou) / sigma)
         alive &= decayed > min_score
         if 2 * np.count_nonzero(alive) < len(alive):
-            index, starts, ends, decayed, alive = (a[alive] for a in (index, starts, ends, decayed, alive))
+            index, current, decayed, alive = (a[alive] for a in (index, current, decayed, alive))
     return picks
 
 
 def _vote(kept, kept_group, segments, scores, group, threshold: float) -> torch.Tensor:
     """kept (K, 2) -> (K, 2): weighted average of same-group candidates (N, 2) with IoU >= threshold."""
-    iou = segment_iou(kept, segments) * (kept_group[:, None] == group[None, :])  # (K, N)
+    iou = tiou(kept, segments) * (kept_group[:, None] == group[None, :])  # (K, N)
     weights = (iou >= threshold) * iou * scores[None, :]  # each kept segment votes for itself (IoU 1)
     return (weights @ segments) / weights.sum(dim=1, keepdim=True)
 
 
-def postprocess_video(window_detections: Sequence, *, feature_stride: float, rate: float, duration: float,
+def postprocess_video(window_detections: Sequence, *, rate: float, duration: float,
                       config: PostprocessConfig = PostprocessConfig()) -> Detections:
-    """One video's windows ``(segments (N, 2) in feature steps, scores, labels, window_start in
-    input steps)`` -> merged, soft-NMS'ed detections with segments in seconds."""
-    windows = [(feature_to_input_steps(torch.as_tensor(s), feature_stride), p, l, start)
-               for s, p, l, start in window_detections]
-    merged = merge_windows(windows, min_score=config.min_score, top_k=config.pre_nms_top_k)
+    """One video's windows ``(segments (N, 2) in input steps from the window start, scores,
+    labels, window_start in input steps)`` -> merged, soft-NMS'ed detections in seconds."""
+    merged = merge_windows(window_detections, min_score=config.min_score, top_k=config.pre_nms_top_k)
     segments, scores, labels = soft_nms(*merged, sigma=config.sigma, min_score=config.min_score,
                                         max_segments=config.max_segments, voting_threshold=config.voting_threshold)
     return input_steps_to_seconds(segments, rate, duration), scores, labels

@@ -1,0 +1,105 @@
+"""`blockdrop compress`: Progressive Block Drop of a trained detector, as its config says.
+
+setup (teacher, the detector's target over the selection / training / validation splits, cost
+of one test window) -> the engine's loop (compress/progressive.py) -> report. The engine never
+sees a config file: it gets the typed `compress` section and a `Setup`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blockdrop.compress.history import Cost, History
+from blockdrop.compress.progressive import Setup, progressive_block_drop
+from blockdrop.compress.saving import save_compressed
+from blockdrop.core import distributed as dist
+from blockdrop.core.errors import ConfigError
+from blockdrop.core.measure import count_macs, count_params, measure_latency
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.core.torchutil import model_device
+from blockdrop.core.training import check_schedule, make_loader, seed_everything
+from blockdrop.data.dataset import collate_windows
+from blockdrop.recipes.build import (check_experiment, example_window, load_detector, load_experiment_annotations,
+                                     make_dataset, make_source, split_annotations)
+from blockdrop.recipes.report import write_report
+from blockdrop.recipes.runs import start_run
+from blockdrop.tad.inference import evaluate
+from blockdrop.tad.target import DetectorTarget
+
+
+def measure_detector(model, cfg: ExperimentConfig, channels: int) -> Cost:
+    """Cost of one test window (batch 1): operator-level GMACs (all, backbone), params, and the
+    latency on the model's device (CPU: with ``compress.latency_threads`` threads)."""
+    device = model_device(model)
+    inputs, mask = (t.to(device) for t in example_window(cfg, channels))
+    latency = measure_latency(model, inputs, mask, threads=cfg.compress.latency_threads, min_run_time=1.0)
+    return Cost(gmacs=count_macs(model, inputs, mask)["gmacs"], params=count_params(model)["total"],
+                latency_ms=latency["median_ms"], latency_iqr_ms=latency["iqr_ms"], latency_device=latency["device"],
+                extra={"backbone_gmacs": count_macs(model.backbone, inputs)["gmacs"]})
+
+
+def selection_setup(cfg: ExperimentConfig, model, annotations=None, source=None):
+    """(target, loader) over the selection split: training videos in test-mode windows (no
+    augmentation), optionally a seeded subset of ``compress.selection.videos`` of them."""
+    annotations = annotations or load_experiment_annotations(cfg.data)
+    source = source or make_source(cfg.data, annotations)
+    part = split_annotations(cfg.data, annotations, cfg.train.seed)["train"]
+    if cfg.compress.selection.videos is not None:
+        ids = sorted(part.videos)
+        chosen = set(np.random.default_rng(cfg.train.seed).permutation(ids)[: cfg.compress.selection.videos].tolist())
+        part = replace(part, videos={v: i for v, i in part.videos.items() if v in chosen})
+    dataset = make_dataset(cfg, part, source, train=False, feature_stride=model.feature_stride)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate_windows)
+    return _target(cfg, dataset), loader
+
+
+def _target(cfg: ExperimentConfig, dataset) -> DetectorTarget:
+    return DetectorTarget(dataset, cfg.eval, temperature=cfg.compress.alignment.temperature)
+
+
+def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = None, out: str | Path | None = None,
+                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> History:
+    """Progressive Block Drop of a trained detector, as configured in ``cfg.compress``."""
+    check_experiment(cfg)
+    teacher_path = Path(teacher or cfg.compress.teacher or "")
+    if not teacher_path.is_file():
+        raise ConfigError(f"--teacher {teacher_path}: no such file (give the model.safetensors of a trained "
+                          "teacher, from `blockdrop train`)")
+    out, device, annotations = start_run(cfg, out, resume=resume, overwrite=overwrite)
+    align_cfg = cfg.compress.alignment.train
+    if align_cfg.threads or cfg.train.threads:
+        torch.set_num_threads(align_cfg.threads or cfg.train.threads)
+    seed_everything(align_cfg.seed)
+    teacher_model, builder = load_detector(teacher_path)
+    teacher_model.to(device).eval().requires_grad_(False)
+    if list(annotations.classes) != list(builder["classes"]):
+        raise ConfigError(f"--teacher {teacher_path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
+    source = make_source(cfg.data, annotations)
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
+    stride = teacher_model.feature_stride
+    selection_target, selection_loader = selection_setup(cfg, teacher_model, annotations, source)
+    train_ds = make_dataset(cfg, parts["train"], source, train=True, feature_stride=stride)
+    val_ds = make_dataset(cfg, parts["val"], source, train=False, feature_stride=stride)
+    channels = builder["in_channels"]
+    train_loader = make_loader(train_ds, align_cfg.batch_size, shuffle=True, seed=align_cfg.seed,
+                               collate_fn=collate_windows, num_workers=cfg.data.num_workers)
+    check_schedule(align_cfg, len(train_loader), config_name="compress.alignment.train")  # before any work
+    log = print if progress and dist.is_main() else (lambda _msg: None)
+    setup = Setup(
+        teacher=teacher_model, target=_target(cfg, train_ds), selection_target=selection_target,
+        train_data=train_loader,
+        selection_data=selection_loader,
+        validate=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
+        metric=cfg.eval.best_epoch_metric,
+        measure=lambda m: measure_detector(m, cfg, channels),
+        save=lambda m, path: save_compressed(m, path, builder=builder),
+        load=lambda path: load_detector(path)[0].to(device),
+        progress=progress, log=log)
+    history = progressive_block_drop(setup, cfg.compress, out, resume=resume)
+    if dist.is_main():
+        log(f"report: {', '.join(str(p) for p in write_report(out))}")
+    return history
