@@ -1,4 +1,4 @@
-"""ActivityNet mAP: hand-computed golden cases, input validation, and the ActionFormer oracle."""
+"""Detection mAP: hand-computed golden cases, the options, input validation, and the ActionFormer oracle."""
 
 import importlib.util
 import json
@@ -66,44 +66,113 @@ def test_class_without_predictions_counts_as_zero():
     assert r["mAP@0.5"] == pytest.approx(50.0)
 
 
-def test_unknown_videos_and_labels_are_ignored_and_counted():
+def test_predictions_for_unknown_videos_are_false_positives():
+    # "ghost" is not in the ground truth: its 0.99 prediction of class a ranks first and is a FP
+    # (precision 0, then 1/2 at recall 1: AP 50). The unknown label "zebra" is ignored.
     gt = gt_doc({"v": [(0, 10, "a")], "w": []})
-    base = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.5)], "w": [(0, 3, "a", 0.1)]}), (0.5,))
-    extra = pred_doc({"v": [(0, 10, "a", 0.5), (50, 60, "zebra", 0.99)], "w": [(0, 3, "a", 0.1)],
-                      "ghost": [(0, 10, "a", 0.99)]})
-    r = detection_map(gt, extra, (0.5,))
-    assert r["mAP@0.5"] == base["mAP@0.5"] == pytest.approx(100.0)  # w's FP ranks below the TP
-    assert r["ignored_predictions"] == {"unknown_video": 1, "unknown_label": 1}
-    assert r["num_predictions"] == 2 and r["num_videos"] == 2
+    pred = pred_doc({"v": [(0, 10, "a", 0.5), (50, 60, "zebra", 0.99)], "w": [(0, 3, "a", 0.1)],
+                     "ghost": [(0, 10, "a", 0.99)]})
+    r = detection_map(gt, pred, (0.5,))
+    assert r["mAP@0.5"] == pytest.approx(50.0)
+    assert r["outside_predictions"] == 1
+    assert r["ignored_predictions"] == {"unknown_video": 0, "unknown_label": 1}
+    assert r["num_predictions"] == 3 and r["num_videos"] == 2
 
 
-def test_duplicate_ground_truth_instances_are_separate():
+def test_ignore_unknown_videos_option_leaves_them_out():
+    # The earlier behaviour: the ghost prediction is not scored; w's FP ranks below the TP.
+    gt = gt_doc({"v": [(0, 10, "a")], "w": []})
+    pred = pred_doc({"v": [(0, 10, "a", 0.5), (50, 60, "zebra", 0.99)], "w": [(0, 3, "a", 0.1)],
+                     "ghost": [(0, 10, "a", 0.99), (0, 10, "zebra", 0.2)]})
+    r = detection_map(gt, pred, (0.5,), ignore_unknown_videos=True)
+    assert r["mAP@0.5"] == pytest.approx(100.0)
+    assert r["outside_predictions"] == 2
+    assert r["ignored_predictions"] == {"unknown_video": 2, "unknown_label": 1}
+    assert r["num_predictions"] == 2
+
+
+def test_prediction_on_video_without_that_class_is_false_positive():
+    gt = gt_doc({"v": [(0, 10, "a")], "w": [(0, 10, "b")]})
+    r = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.5)], "w": [(0, 10, "a", 0.9)]}), (0.5,))
+    assert r["per_class"]["a"][0.5] == pytest.approx(50.0)
+
+
+def test_duplicate_ground_truth_is_removed_by_default():
+    # Same label, start and end within 1 ms of a kept instance: removed. 2 ms away, or another
+    # label: kept. Shorter than 1 ms: removed.
+    gt = gt_doc({"v": [(0, 10, "a"), (0, 10, "a"), (0.0004, 9.9997, "a"), (0.002, 10, "a"), (0, 10, "b"),
+                       (20, 20, "a"), (30, 30.0005, "b")]})
+    one = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9), (0.002, 10, "a", 0.8), (0, 10, "b", 0.7)]}), (0.5,))
+    assert one["mAP@0.5"] == pytest.approx(100.0)
+    assert (one["removed_duplicates"], one["removed_short"], one["num_ground_truth"]) == (2, 2, 3)
+    table = format_map_table(one)
+    assert "removed ground truth: 2 duplicates, 2 shorter than 0.001 s" in table
+
+
+def test_duplicates_are_judged_against_kept_instances_only():
+    # b is within 1 ms of a (removed); c is within 1 ms of b but not of a, and b was not kept: c stays.
+    gt = gt_doc({"v": [(0, 10, "a"), (0.0008, 10, "a"), (0.0016, 10, "a")]})
+    r = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9)]}), (0.5,))
+    assert (r["removed_duplicates"], r["num_ground_truth"]) == (1, 2)
+    assert r["mAP@0.5"] == pytest.approx(50.0)
+
+
+def test_keep_duplicates_option_counts_them_separately():
+    # The earlier behaviour: two identical instances need two predictions for full recall.
     gt = gt_doc({"v": [(0, 10, "a"), (0, 10, "a")]})
-    one = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9)]}), (0.5,))
-    two = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9), (0, 10, "a", 0.8)]}), (0.5,))
+    one = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9)]}), (0.5,), keep_duplicates=True)
+    two = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9), (0, 10, "a", 0.8)]}), (0.5,), keep_duplicates=True)
     assert one["mAP@0.5"] == pytest.approx(50.0)  # recall 1/2 at precision 1
     assert two["mAP@0.5"] == pytest.approx(100.0)
+    assert one["removed_duplicates"] == one["removed_short"] == 0 and one["num_ground_truth"] == 2
+    assert detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.9)]}), (0.5,))["mAP@0.5"] == pytest.approx(100.0)
 
 
-def test_tied_scores_keep_input_order():
-    # Equal scores: the FP listed first is ranked first -> precision 0 then 1/2 at recall 1: AP 50.
+def test_only_short_ground_truth_is_an_error_naming_the_option():
+    gt = gt_doc({"v": [(5, 5, "a")]})
+    with pytest.raises(AnnotationError, match="--keep-duplicates"):
+        detection_map(gt, pred_doc({}), (0.5,))
+    assert detection_map(gt, pred_doc({}), (0.5,), keep_duplicates=True)["mAP@0.5"] == 0.0
+
+
+@pytest.mark.parametrize("n", [2, 5, 17, 300])
+def test_tied_scores_rank_as_numpy_argsort_reversed(n):
+    # One TP among n predictions of equal score: AP = 1 / (its rank), the rank being its place in
+    # np.argsort(scores)[::-1], numpy's unstable default sort reversed (OpenTAD and ActionFormer).
     gt = gt_doc({"v": [(0, 10, "a")]})
-    fp_first = detection_map(gt, pred_doc({"v": [(50, 60, "a", 0.5), (0, 10, "a", 0.5)]}), (0.5,))
-    tp_first = detection_map(gt, pred_doc({"v": [(0, 10, "a", 0.5), (50, 60, "a", 0.5)]}), (0.5,))
-    assert fp_first["mAP@0.5"] == pytest.approx(50.0)
-    assert tp_first["mAP@0.5"] == pytest.approx(100.0)
+    for tp_index in (0, n // 2, n - 1):
+        dets = [(50 + i, 51 + i, "a", 0.5) for i in range(n)]
+        dets[tp_index] = (0, 10, "a", 0.5)
+        rank = int(np.flatnonzero(np.argsort(np.full(n, 0.5))[::-1] == tp_index)[0]) + 1
+        r = detection_map(gt, pred_doc({"v": dets}), (0.5,))
+        assert r["mAP@0.5"] == pytest.approx(100.0 / rank)
+
+
+def test_tied_tiou_takes_the_instance_numpy_argsort_reversed_puts_first():
+    # p1 [1, 11] has tIoU 9/11 with both g1 [0, 10] and g2 [2, 12]; p2 [0, 10] reaches 0.7 only
+    # with g1. If p1 takes g2, p2 takes g1 (AP 100); if p1 takes g1, p2 is a FP (AP 50).
+    gt = gt_doc({"v": [(0, 10, "a"), (2, 12, "a")]})
+    r = detection_map(gt, pred_doc({"v": [(1, 11, "a", 0.9), (0, 10, "a", 0.8)]}), (0.7,))
+    first = int(np.argsort(np.array([9 / 11, 9 / 11]))[::-1][0])
+    assert r["mAP@0.7"] == pytest.approx(100.0 if first == 1 else 50.0)
 
 
 def test_subset_and_file_paths(tmp_path):
     gt = gt_doc({"v": [(0, 10, "a")]}, subset="Validation")
-    gt["database"].update(gt_doc({"t": [(0, 10, "b")]}, subset="test")["database"])
+    gt["database"].update(gt_doc({"t": [(0, 10, "b")], "u": [(0, 10, "a")]}, subset="test")["database"])
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    (tmp_path / "pred.json").write_text(json.dumps(pred_doc({"v": [(0, 10, "a", 1.0)], "t": [(0, 10, "b", 1.0)]})))
+    preds = {"v": [(0, 10, "a", 0.5)], "t": [(0, 10, "b", 1.0)], "u": [(0, 10, "a", 0.1)]}
+    (tmp_path / "pred.json").write_text(json.dumps(pred_doc(preds)))
     r = detection_map(tmp_path / "gt.json", str(tmp_path / "pred.json"), (0.5,), subset="validation")
     assert r["num_videos"] == 1 and r["num_classes"] == 1 and r["mAP@0.5"] == pytest.approx(100.0)
-    assert r["ignored_predictions"]["unknown_video"] == 1
+    assert r["outside_predictions"] == 2 and r["ignored_predictions"] == {"unknown_video": 0, "unknown_label": 1}
     table = format_map_table(r)
-    assert "0.50" in table and "100.00" in table and "ignored" in table
+    assert "0.50" in table and "100.00" in table
+    assert "2 predictions for videos not in the evaluated ground truth: scored as false positives" in table
+    assert "1 predictions with labels not in the ground truth: ignored" in table
+    r = detection_map(tmp_path / "gt.json", tmp_path / "pred.json", (0.5,), subset="validation",
+                      ignore_unknown_videos=True)
+    assert "2 predictions for videos not in the evaluated ground truth: ignored" in format_map_table(r)
 
 
 # ------------------------------------------------------------------ errors name file, video, field
@@ -173,96 +242,144 @@ def oracle():
     return module
 
 
-def random_case(seed):
-    """Ground truth with empty videos, exact duplicates and two subsets; predictions with tied
-    scores, jittered true positives, unknown videos and labels, and a class with no predictions."""
-    rng = np.random.default_rng(seed)
-    database, results = {}, {}
-    for i in range(int(rng.integers(3, 9))):
-        anns = []
-        for _ in range(int(rng.integers(0, 6))):
-            s = float(rng.uniform(0, 90))
-            anns.append({"segment": [s, s + float(rng.uniform(0.5, 15))], "label": str(rng.choice(list("abcd")))})
-        if anns and rng.random() < 0.4:
-            anns.append(dict(anns[0]))  # an exact duplicate instance
-        database[f"v{i}"] = {"subset": "validation" if rng.random() < 0.7 else "test", "duration": 110.0,
-                             "annotations": anns}
-        dets = []
-        for ann in anns:  # near-misses and hits around the truth
-            for _ in range(int(rng.integers(0, 3))):
+LABELS = "abcdz"  # d: ground truth only; z: predictions only (a label no ground truth has)
+
+
+def random_annotations(rng):
+    """One video's instances on a half-second grid, with exact duplicates, duplicates within 1 ms,
+    near-duplicates 2 ms away, a chain (b within 1 ms of a, c of b only), same-length twins shifted
+    by a grid step (a prediction halfway has exactly equal tIoU with both) and instances < 1 ms."""
+    anns = []
+    for _ in range(int(rng.integers(0, 6))):
+        s, length = float(rng.integers(0, 180)) / 2, float(rng.integers(1, 30)) / 2
+        label = str(rng.choice(list("abcd")))
+        copies = {0: [(0, 0)], 1: [(4e-4, -3e-4)], 2: [(2e-3, 0)], 3: [(8e-4, 0), (1.6e-3, 0)], 4: [(1, 1)],
+                  5: [(0.5, 0.5), (1, 1)]}.get(int(rng.integers(0, 10)), [])
+        for ds, de in [(0, 0), *copies]:
+            anns.append({"segment": [s + ds, s + length + de], "label": label})
+    if rng.random() < 0.3:
+        s = float(rng.integers(0, 180)) / 2
+        anns.append({"segment": [s, s + float(rng.choice([0.0, 5e-4]))], "label": str(rng.choice(list("abcd")))})
+    return [anns[i] for i in rng.permutation(len(anns))]  # copies before or after their original
+
+
+def random_detections(rng, anns, background, background_labels="aabcz"):
+    """Hits and near misses around each instance (half of them on the grid, so tIoU ties), then
+    background false positives of any label, some in videos without that class."""
+    dets = []
+    for ann in anns:
+        for _ in range(int(rng.integers(0, 3))):
+            if rng.random() < 0.5:
+                s, e = np.asarray(ann["segment"]) + rng.integers(-2, 3, 2) / 2
+            else:
                 s, e = np.asarray(ann["segment"]) + rng.normal(0, 1.5, 2)
-                label = ann["label"] if rng.random() < 0.8 else str(rng.choice(list("abcz")))
-                dets.append({"segment": [float(s), float(max(s, e))], "label": label})
-        for _ in range(int(rng.integers(0, 6))):  # background false positives
-            s = float(rng.uniform(0, 100))
-            dets.append({"segment": [s, s + float(rng.uniform(0.1, 20))], "label": str(rng.choice(list("abcz")))})
-        results[f"v{i}"] = [d for d in dets if d["label"] != "d"]  # class d: ground truth only
-    results["ghost"] = [{"segment": [1.0, 5.0], "label": "a"}]  # a video not in the ground truth
+            label = ann["label"] if rng.random() < 0.8 else str(rng.choice(list("abcz")))
+            dets.append({"segment": [float(s), float(max(s, e))], "label": label})
+    for _ in range(background):
+        s = float(rng.uniform(0, 100))
+        label = str(rng.choice(list(background_labels)))
+        dets.append({"segment": [s, s + float(rng.uniform(0.1, 20))], "label": label})
+    return [d for d in dets if d["label"] != "d"]
+
+
+def random_case(seed, large=False):
+    """A ground truth with two subsets and videos without annotations, and predictions for every
+    video (so for the other subset's too), for one not in the file, with many tied scores. ``large``:
+    over 256 predictions of class a (numpy sorts arrays that long another way)."""
+    rng = np.random.default_rng(seed)
+    background, background_labels = ((80, 120), "aaaabcz") if large else ((0, 6), "aabcz")
+    database, results = {}, {}
+    for i in range(int(rng.integers(4, 9))):
+        anns = random_annotations(rng)
+        subset = "validation" if rng.random() < 0.6 else "test"
+        database[f"v{i}"] = {"subset": subset, "duration": 110.0, "annotations": anns}
+        results[f"v{i}"] = random_detections(rng, anns, int(rng.integers(*background)), background_labels)
+    results["ghost"] = [{"segment": [1.0, 5.0], "label": "a"}, {"segment": [0.0, 3.0], "label": "z"}]
     for dets in results.values():
         for d in dets:  # scores on a coarse grid: many ties
-            d["score"] = float(rng.integers(1, 8)) / 8 if rng.random() < 0.5 else float(rng.random())
+            d["score"] = float(rng.integers(1, 6)) / 8 if rng.random() < 0.6 else float(rng.random())
     return {"database": database}, {"results": results}
 
 
 def run_oracle(oracle, tmp_path, gt, pred, thresholds, subset):
-    """Our inputs -> ANETdetection; returns (mAP (T,), per-class AP (T, K), class names)."""
+    """The same inputs, none removed -> ANETdetection: (mAP (T,), per-class AP (T, K), class names).
+
+    ANETdetection wants integer label ids and re-indexes those of the ground truth to 0..K-1,
+    leaving other ids unchanged; ids from 100 up cannot collide with a re-indexed class.
+    """
     import pandas as pd
 
-    in_subset = {v for v, info in gt["database"].items() if subset is None or info["subset"] == subset}
-    present = sorted({a["label"] for v in in_subset for a in gt["database"][v]["annotations"]})
-    # Label ids 0..K-1 for classes present in the evaluated subset, so that ANETdetection's label
-    # re-indexing is the identity; other labels get ids it never looks up (its re-indexing leaves an
-    # unknown id unchanged, where it could collide with a re-indexed class).
-    label_id = {c: i for i, c in enumerate(present)}
-    label_id.update({c: 1000 + i for i, c in enumerate("abcdz") if c not in label_id})
+    label_id = {c: 100 + i for i, c in enumerate(LABELS)}
     database = {v: {**info, "annotations": [{**a, "label_id": label_id[a["label"]]} for a in info["annotations"]]}
                 for v, info in gt["database"].items()}
     (tmp_path / "oracle_gt.json").write_text(json.dumps({"database": database}))
-
     rows = [(v, d["segment"][0], d["segment"][1], label_id[d["label"]], d["score"])
-            for v, dets in pred["results"].items() for d in dets]
-    rows = [r for r in rows if r[0] in in_subset]  # ANETdetection counts unknown videos as FPs; we ignore them
-    scores = np.array([r[4] for r in rows])
-    # Its argsort()[::-1] orders ties unspecifiedly; give it our stable order as distinct scores.
-    rank = np.empty(len(rows)); rank[np.argsort(-scores, kind="stable")] = np.arange(len(rows))
-    frame = pd.DataFrame({"video-id": [r[0] for r in rows], "t-start": [r[1] for r in rows],
-                          "t-end": [r[2] for r in rows], "label": [r[3] for r in rows], "score": -rank})
+            for v, dets in pred["results"].items() for d in dets]  # every prediction, in file order
+    frame = pd.DataFrame(rows, columns=["video-id", "t-start", "t-end", "label", "score"])
     frame = frame.astype({"video-id": object, "t-start": float, "t-end": float, "label": int, "score": float})
     anet = oracle.ANETdetection(str(tmp_path / "oracle_gt.json"), split=subset,
                                 tiou_thresholds=np.asarray(thresholds), num_workers=1)
     mean_ap, _, _ = anet.evaluate(frame, verbose=False)
-    return mean_ap, anet.ap, present
+    classes = [LABELS[i - 100] for i in sorted(anet.activity_index)]
+    return mean_ap, anet.ap, classes
 
 
-def dedupe_like_actionformer(oracle, gt):
-    """ANETdetection drops duplicate (and < 1e-3 s) instances; we keep duplicates, so our side of
-    the oracle comparison gets the same instances it keeps, via its own function."""
-    database = {}
-    for v, info in gt["database"].items():
-        tagged = [{**a, "label_id": a["label"]} for a in info["annotations"]]
-        kept = oracle.remove_duplicate_annotations(tagged)
-        database[v] = {**info, "annotations": [{"segment": a["segment"], "label": a["label"]} for a in kept]}
-    return {"database": database}
+def oracle_removed(oracle, gt, subset):
+    """How many instances of the subset ActionFormer's remove_duplicate_annotations drops."""
+    removed = 0
+    for info in gt["database"].values():
+        if subset is None or info["subset"] == subset:
+            tagged = [{**a, "label_id": a["label"]} for a in info["annotations"]]
+            removed += len(tagged) - len(oracle.remove_duplicate_annotations(tagged))
+    return removed
 
 
-@pytest.mark.parametrize("seed", range(20))
+def compare_with_oracle(oracle, tmp_path, gt, pred, thresholds, subset) -> float:
+    """Asserts agreement to 1e-6 (percent) at every threshold, per class and on average; returns the
+    largest difference."""
+    mean_ap, class_ap, classes = run_oracle(oracle, tmp_path, gt, pred, thresholds, subset)
+    ours = detection_map(gt, pred, thresholds, subset=subset)
+    assert list(ours["per_class"]) == classes
+    assert ours["removed_duplicates"] + ours["removed_short"] == oracle_removed(oracle, gt, subset)
+    ours_map = np.array([ours[f"mAP@{t:g}"] for t in thresholds])
+    ours_class = np.array([[ours["per_class"][c][t] for c in classes] for t in thresholds])
+    np.testing.assert_allclose(ours_map, 100 * mean_ap, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours_class, 100 * class_ap, rtol=0, atol=1e-6)
+    assert ours["average_mAP"] == pytest.approx(100 * mean_ap.mean(), abs=1e-6)
+    return float(max(np.abs(ours_map - 100 * mean_ap).max(), np.abs(ours_class - 100 * class_ap).max(),
+                     abs(ours["average_mAP"] - 100 * mean_ap.mean())))
+
+
+@pytest.mark.parametrize("seed", range(24))
 def test_matches_actionformer_anetdetection(oracle, tmp_path, seed):
     gt, pred = random_case(seed)
-    gt = dedupe_like_actionformer(oracle, gt)
     for tiou in ("0.3:0.7:0.1", "0.5:0.95:0.05", "0.1,0.5,0.9"):
-        thresholds = parse_tiou(tiou)
         for subset in (None, "validation"):
-            in_subset = [v for v, i in gt["database"].items() if subset is None or i["subset"] == subset]
-            if not any(gt["database"][v]["annotations"] for v in in_subset):
+            in_subset = [info for info in gt["database"].values() if subset is None or info["subset"] == subset]
+            if sum(len(info["annotations"]) for info in in_subset) == oracle_removed(oracle, gt, subset):
+                with pytest.raises(AnnotationError):  # the oracle has no class to average over
+                    detection_map(gt, pred, parse_tiou(tiou), subset=subset)
                 continue
-            ours = detection_map(gt, pred, thresholds, subset=subset)
-            mean_ap, class_ap, present = run_oracle(oracle, tmp_path, gt, pred, thresholds, subset)
-            assert list(ours["per_class"]) == present
-            ours_map = np.array([ours[f"mAP@{t:g}"] for t in thresholds])
-            ours_class = np.array([[ours["per_class"][c][t] for c in present] for t in thresholds])
-            np.testing.assert_allclose(ours_map, 100 * mean_ap, rtol=0, atol=1e-6)
-            np.testing.assert_allclose(ours_class, 100 * class_ap, rtol=0, atol=1e-6)
-            assert ours["average_mAP"] == pytest.approx(100 * mean_ap.mean(), abs=1e-6)
+            compare_with_oracle(oracle, tmp_path, gt, pred, parse_tiou(tiou), subset)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_matches_actionformer_on_hundreds_of_predictions_per_class(oracle, tmp_path, seed):
+    gt, pred = random_case(seed, large=True)
+    assert sum(d["label"] == "a" for dets in pred["results"].values() for d in dets) > 256
+    compare_with_oracle(oracle, tmp_path, gt, pred, THUMOS_TIOU, None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ignore_unknown_videos_matches_oracle_given_only_subset_predictions(oracle, tmp_path, seed):
+    # The option scores exactly what the oracle scores when given only the subset's videos.
+    gt, pred = random_case(seed)
+    in_subset = {v for v, info in gt["database"].items() if info["subset"] == "validation"}
+    only = {"results": {v: dets for v, dets in pred["results"].items() if v in in_subset}}
+    ours = detection_map(gt, pred, THUMOS_TIOU, subset="validation", ignore_unknown_videos=True)
+    theirs = detection_map(gt, only, THUMOS_TIOU, subset="validation")
+    assert ours["average_mAP"] == theirs["average_mAP"] and ours["per_class"] == theirs["per_class"]
+    compare_with_oracle(oracle, tmp_path, gt, only, THUMOS_TIOU, "validation")
 
 
 def test_cli_map_prints_table_and_names_bad_flag(tmp_path, capsys):
@@ -274,3 +391,19 @@ def test_cli_map_prints_table_and_names_bad_flag(tmp_path, capsys):
     assert "average" in capsys.readouterr().out
     assert main(["map", str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), "--tiou", "0.5:x"]) == 2
     assert "--tiou" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], "50.00"),  # one instance left; the ghost's FP ranks first
+    (["--keep-duplicates"], "25.00"),  # two instances: precision 1/2 at recall 1/2
+    (["--ignore-unknown-videos"], "100.00"),
+    (["--keep-duplicates", "--ignore-unknown-videos"], "50.00"),
+])
+def test_cli_map_options(tmp_path, capsys, flags, expected):
+    from blockdrop.cli import main
+
+    (tmp_path / "gt.json").write_text(json.dumps(gt_doc({"v": [(0, 10, "a"), (0, 10, "a")]})))
+    (tmp_path / "pred.json").write_text(json.dumps(pred_doc({"v": [(0, 10, "a", 0.5)], "ghost": [(0, 10, "a", 0.9)]})))
+    assert main(["map", str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), "--tiou", "0.5", *flags]) == 0
+    average = [line for line in capsys.readouterr().out.splitlines() if line.startswith("average")]
+    assert average[0].split() == ["average", expected]

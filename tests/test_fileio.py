@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from blockdrop.core.errors import DataError
@@ -37,3 +40,25 @@ def test_staged_folder_swaps_in_whole_or_keeps_the_previous(tmp_path):
     with pytest.raises(DataError, match="--overwrite"):
         check_output_folder(out, overwrite=False)
     check_output_folder(out, overwrite=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_permissions_an_ordinary_open_gives(tmp_path, umask):
+    """Not the 0600 / 0700 of a private temporary file: the rename would publish those."""
+    before = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+        (tmp_path / "plain").mkdir()
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        with staged_folder(tmp_path / "staged") as tmp:
+            (tmp / "inside.txt").write_text("x")
+    finally:
+        os.umask(before)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert mode("atomic.txt") == mode("plain.txt") == 0o666 & ~umask
+    assert mode("staged") == mode("plain") == 0o777 & ~umask
+    assert mode("staged/inside.txt") == 0o666 & ~umask

@@ -180,3 +180,50 @@ def test_results_reject_bad_labels_and_values(tmp_path):
         save_results({"results": {"v": [{"segment": [0, 1], "label": "a", "score": float("nan")}]}},
                      tmp_path / "preds.json")
     assert list(tmp_path.iterdir()) == []  # no partial or temporary file left behind
+
+
+# ------------------------------------------------------------------ the batched soft-NMS == one class at a time
+
+def _reference_soft_nms(segments, scores, labels, sigma, min_score, max_segments, threshold):
+    """Soft-NMS as first written here: one class at a time, voting against all candidates."""
+    seg, sc, lab = segments.numpy(), scores.numpy(), labels.numpy()
+    cand = sc > min_score
+    picks = []
+    for g in np.unique(lab[cand]):
+        idx = np.flatnonzero(cand & (lab == g))
+        s, e, dec = seg[idx, 0].copy(), seg[idx, 1].copy(), sc[idx].copy()
+        alive, out = np.ones(len(idx), bool), []
+        while len(out) < max_segments and alive.any():
+            b = int(np.argmax(np.where(alive, dec, -np.inf)))
+            out.append((float(dec[b]), int(idx[b])))
+            alive[b] = False
+            inter = np.clip(np.minimum(e, e[b]) - np.maximum(s, s[b]), 0, None)
+            union = (e - s) + (e[b] - s[b]) - inter
+            dec = dec * np.exp(-np.square(np.where(union > 0, inter / np.where(union > 0, union, 1), 0)) / sigma)
+            alive &= dec > min_score
+        picks += out
+    picks = sorted(picks, key=lambda p: (-p[0], p[1]))[:max_segments]
+    keep = torch.tensor([i for _, i in picks], dtype=torch.long)
+    kept = segments[keep]
+    c = torch.from_numpy(cand)
+    inter = (torch.minimum(kept[:, None, 1], segments[c][None, :, 1]) - torch.maximum(kept[:, None, 0], segments[c][None, :, 0])).clamp(min=0)
+    union = (kept[:, 1] - kept[:, 0])[:, None] + (segments[c][:, 1] - segments[c][:, 0])[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1e-38), torch.zeros_like(inter))
+    iou = iou * (labels[keep][:, None] == labels[c][None, :])
+    weights = (iou >= threshold) * iou * scores[c][None, :]
+    voted = (weights @ segments[c]) / weights.sum(1, keepdim=True)
+    return voted, torch.tensor([k for k, _ in picks]), labels[keep], keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_soft_nms_equals_one_class_at_a_time(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, classes = 400, 1 + seed % 5
+    starts = torch.rand(n, generator=g) * 100
+    segments = torch.stack([starts, starts + 0.5 + torch.rand(n, generator=g) * 10], dim=1)
+    scores = torch.rand(n, generator=g).round(decimals=2)  # ties in score
+    labels = torch.randint(0, classes, (n,), generator=g)
+    ours = soft_nms(segments, scores, labels, sigma=0.7, min_score=0.001, max_segments=120, voting_threshold=0.75)
+    voted, kept_scores, kept_labels, _ = _reference_soft_nms(segments, scores, labels, 0.7, 0.001, 120, 0.75)
+    assert torch.equal(ours[1], kept_scores) and torch.equal(ours[2], kept_labels)  # the same picks, exactly
+    torch.testing.assert_close(ours[0], voted, rtol=1e-6, atol=1e-5)  # voting sums per class: rounding only

@@ -5,6 +5,7 @@ by hand from its blocks, and the shared-prefix pass is checked against running e
 from scratch through ``run_blocks(skip=k)``.
 """
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from blockdrop.compress.selection import select_block
+from blockdrop.compress.selection import Halving, select_block
 from blockdrop.compress.stack import drop_blocks
 from blockdrop.core.errors import BlockdropError
 
@@ -252,3 +253,73 @@ def test_shared_prefix_equals_naive_on_a_tiny_detector(detector_setup, evaluator
     assert naive.block_forwards == cached.naive_block_forwards == b * n * (n - 1)
     if evaluator == "loss":  # untrained detectors may tie at 0 mAP; losses always differ
         assert len(set(cached.scores.values())) == n
+
+
+# ---- successive halving over the data ------------------------------------------------------------
+
+def shared_prefix_cost(depth: int, alive: list[int]) -> int:
+    """Block forwards of one shared-prefix batch for these candidates (the docstring's formula)."""
+    return max(alive) + sum(depth - 1 - k for k in alive)
+
+
+@pytest.mark.parametrize("evaluator", ["map", "loss"])
+def test_successive_halving_keeps_the_best_and_spends_less(evaluator):
+    model = ToyNet(depth=6, quiet=4)
+    batches = toy_batches(model, sizes=(2,) * 8)
+    full = toy_select(model, batches, evaluator)
+    halved = toy_select(model, batches, evaluator, halving=Halving(first=1, keep=0.5))
+    assert halved.chosen_original == full.chosen_original == 4
+    # rounds at 1, 2, 4 batches: 6 -> 3 -> 2 -> 1 candidates, then no more data is read
+    assert [r["batches"] for r in halved.rounds] == [1, 2, 4]
+    assert [len(r["candidates"]) for r in halved.rounds] == [6, 3, 2]
+    assert 4 in halved.rounds[-1]["candidates"] and halved.batches == 4
+    survivors = [r["candidates"] for r in halved.rounds]
+    expected = (shared_prefix_cost(6, survivors[0]) + shared_prefix_cost(6, survivors[1])
+                + 2 * shared_prefix_cost(6, survivors[2]))  # batches 1 | 2 | 3-4: nothing computed twice
+    assert halved.block_forwards == expected < full.block_forwards
+    assert set(halved.scores) == set(range(6))  # an eliminated candidate keeps its last round's score
+    for r in halved.rounds:  # each round's scores are the candidate's scores on the batches seen so far
+        partial = toy_select(model, batches[: r["batches"]], evaluator)
+        for k, v in r["scores"].items():
+            assert v == pytest.approx(partial.scores[int(k)], abs=1e-9)
+
+
+def test_halving_with_a_first_round_as_large_as_the_data_is_the_exhaustive_choice():
+    model = ToyNet(depth=5, quiet=2)
+    batches = toy_batches(model)
+    full = toy_select(model, batches, "map")
+    halved = toy_select(model, batches, "map", halving=Halving(first=len(batches), keep=0.5))
+    assert halved.chosen == full.chosen and halved.scores == pytest.approx(full.scores)
+    assert halved.block_forwards == full.block_forwards
+    with pytest.raises(BlockdropError, match="successive halving needs"):
+        Halving(first=0)
+
+
+def test_halving_on_a_tiny_detector_scores_partial_data_against_the_videos_seen(detector_setup):
+    from blockdrop.tad.inference import score_windows
+
+    model, target, loader = detector_setup
+    halved = select_block(model, target, loader, evaluator="loss", halving=Halving(first=1, keep=0.5))
+    assert halved.rounds[0]["batches"] == 1 and len(halved.rounds[0]["candidates"]) == 4
+    assert halved.chosen_original in halved.rounds[-1]["candidates"]
+    # one batch's predictions are scored against the videos they cover: per class, AP over the whole
+    # set is the AP over the seen videos scaled by (instances seen / all instances), recall being the
+    # only thing that changes
+    batch = next(iter(loader))
+    with torch.no_grad():
+        preds = target.predict(model, model(batch["inputs"], batch["mask"]), batch)
+    annotations = target.dataset.annotations
+    seen = set(batch["video_id"])
+    assert seen < set(annotations.videos)
+    restricted = target.score(preds)
+    whole = score_windows(preds, annotations, target.dataset.rate, target.eval_cfg)
+    part = score_windows(preds, dataclasses.replace(annotations, videos={v: i for v, i in annotations.videos.items()
+                                                                           if v in seen}), target.dataset.rate,
+                         target.eval_cfg)
+    assert restricted["mAP@0.5"] == part["mAP@0.5"]
+    def count(label, videos):
+        return sum(seg.label == label for v in videos for seg in annotations.videos[v].segments)
+
+    for label, ap in part["per_class"].items():
+        scale = count(label, seen) / count(label, annotations.videos)
+        assert whole["per_class"][label][0.5] == pytest.approx(ap[0.5] * scale)

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from blockdrop.core.errors import CheckpointError, TrainingError
 from blockdrop.core.schema import TrainConfig
 from blockdrop.core.training import fit, make_loader, seed_everything, warmup_cosine
 
@@ -122,3 +124,55 @@ def test_ddp_on_cpu_with_gloo_keeps_ranks_in_sync(tmp_path):
     seed_everything(0)
     single = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
     assert not torch.allclose(next(single.parameters()), p0[0])  # training changed the weights
+
+
+def test_a_non_finite_loss_names_epoch_step_and_term_and_restores_the_last_good_state(tmp_path):
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
+    x, y = _toy()
+    calls = []
+
+    def loss(m, batch):  # the 3rd step of epoch 2 goes NaN in its "reg" term
+        calls.append(1)
+        value = _loss(m, batch)["total"]
+        reg = value * (float("nan") if len(calls) == 4 + 3 else 0.0)
+        return {"cls": value, "reg": reg, "total": value + reg}
+
+    cfg = TrainConfig(epochs=3, lr=1e-2, warmup_epochs=0, ema_decay=0.0)
+    with pytest.raises(TrainingError) as err:
+        fit(model, loss, _loader(x, y), cfg, out_dir=tmp_path, progress=False, config_name="compress.alignment.train")
+    message = str(err.value)
+    assert "'reg' loss term went non-finite at epoch 2, step 3" in message
+    assert "the weights of epoch 1 are restored" in message and "compress.alignment.train.lr" in message
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    for key, value in model.state_dict().items():  # the model in memory is epoch 1's, not a NaN one
+        assert torch.equal(value, state["model"][key]), key
+
+
+def test_a_resume_after_a_kill_between_log_and_state_logs_each_epoch_once(tmp_path, monkeypatch):
+    import blockdrop.core.training as training
+
+    real_save = training._save_state
+
+    def killed_at_epoch_3(path, model, ema, optimizer, scheduler, result, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt  # epoch 3 is in metrics.jsonl, its state is not saved
+        real_save(path, model, ema, optimizer, scheduler, result, epoch)
+
+    monkeypatch.setattr(training, "_save_state", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(4, out_dir=tmp_path)
+    monkeypatch.setattr(training, "_save_state", real_save)
+    _run(4, out_dir=tmp_path, resume=True)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:100] + b"\0" * 64 + b[164:]])
+def test_a_damaged_resume_state_is_one_clear_error(tmp_path, damage):
+    _run(2, out_dir=tmp_path)
+    path = tmp_path / "train_state.pt"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=r"train_state.pt: cannot resume from it .*--overwrite"):
+        _run(3, out_dir=tmp_path, resume=True)

@@ -187,7 +187,8 @@ def bench_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-TINY = ["bench", "synthetic", "--set", "backbone.depth=3", "--set", "data.window=32", "--threads", "1"]
+TINY = ["bench", "synthetic", "--set", "backbone.depth=3", "--set", "data.window=32", "--set", "data.test_stride=16",
+        "--threads", "1"]
 
 
 COLUMNS = ("kind", "blocks", "heads", "mlp", "gmacs", "linear_gmacs", "params_m", "latency_ms", "iqr_ms",
@@ -205,7 +206,8 @@ def table_rows(text: str) -> dict:
 
 def test_bench_measures_original_and_dropped_depths(capsys):
     args = bench_parser().parse_args(TINY + ["--drop", "2", "--rounds", "1", "--min-run-time", "0.01", "--warmup", "1"])
-    assert args.drop == 2 and args.threads == 1 and args.set == ["backbone.depth=3", "data.window=32"]
+    assert args.drop == 2 and args.threads == 1 and args.set == ["backbone.depth=3", "data.window=32",
+                                                                 "data.test_stride=16"]
     assert args.func(args) == 0
     out = capsys.readouterr().out
     rows = table_rows(out)
@@ -248,7 +250,7 @@ def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_origina
 
     cfg = load_config(ExperimentConfig, resolve_config_path("synthetic"), [
         "backbone.depth=3", "backbone.width=64", "backbone.heads=4", "head.embed_dim=32", "head.fpn_dim=32",
-        "head.head_dim=32", "data.window=32", "data.frame_size=32"])
+        "head.head_dim=32", "data.window=32", "data.test_stride=16", "data.frame_size=32"])
     torch.manual_seed(0)
     model = build_detector(cfg, 3, 3).eval()
     frames = torch.randint(0, 256, (1, 32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -269,3 +271,24 @@ def test_width_pruned_and_dropped_detector_saves_and_reloads_without_the_origina
     save_compressed(model, tmp_path / "plain.safetensors", builder=builder)
     with pytest.raises(CheckpointError, match="qkv"):
         load_detector(tmp_path / "plain.safetensors")
+
+
+def test_bench_reads_the_input_channels_from_the_configs_data(tmp_path, capsys):
+    """A sequence config whose data exists needs no --in-channels; with the data missing, the error
+    names the missing file and the flag."""
+    import shutil
+
+    from conftest import tiny_config
+
+    config = str(tiny_config(tmp_path))  # 3-channel sequences in tmp_path/data
+    args = bench_parser().parse_args(["bench", config, "--drop", "1", "--rounds", "0"])
+    assert args.in_channels is None and args.func(args) == 0
+    assert list(table_rows(capsys.readouterr().out)) == ["original", "drop 1"]
+    data = tmp_path / "data"
+    removals = [(data / "sequences" / "v0.npy", lambda p: p.unlink()),  # the first video's array is read
+                (data / "sequences", shutil.rmtree), (data / "annotations.json", lambda p: p.unlink())]
+    for path, remove in removals:
+        remove(path)
+        with pytest.raises(BlockdropError, match="--in-channels") as err:
+            args.func(args)
+        assert str(path) in str(err.value)

@@ -26,6 +26,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--skip-bad-media", action="store_true",
+                   help="leave out media files that fail the start-up check (default: stop and list them)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: go on although the config or teacher differ from the run's")
 
 
 def _positive_float(text: str) -> float:
@@ -72,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     syn.set_defaults(func=commands.cmd_data_synthetic)
 
-    mp = sub.add_parser("map", help="ActivityNet-standard detection mAP of a predictions file")
+    chk = data_sub.add_parser("check", help="check every media file a config's dataset uses (open, read, decode)")
+    _add_config_args(chk)
+    chk.set_defaults(func=commands.cmd_data_check)
+
+    mp = sub.add_parser("map", help="detection mAP of a predictions file (OpenTAD's and ActionFormer's algorithm)")
     mp.add_argument("ground_truth", type=Path, help="annotation JSON (database -> video -> annotations)")
     mp.add_argument("predictions", type=Path, help="predictions JSON (results -> video -> [{segment,label,score}])")
     mp.add_argument("--subset", default=None, help="evaluate only videos of this subset")
     mp.add_argument("--tiou", default="0.3:0.7:0.1", help="START:STOP:STEP (inclusive) or comma-separated values")
+    mp.add_argument("--keep-duplicates", action="store_true", help="keep ground-truth instances that duplicate "
+                    "another within 1 ms or are shorter than 1 ms (default: removed, as OpenTAD/ActionFormer)")
+    mp.add_argument("--ignore-unknown-videos", action="store_true", help="do not score predictions for videos "
+                    "outside the evaluated ground truth (default: false positives, as OpenTAD/ActionFormer)")
     mp.set_defaults(func=commands.cmd_map)
 
     tr = sub.add_parser("train", help="train a detector (selection on the validation split)")
@@ -127,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--in-channels", type=int, default=None,
                     help="input channels (default: 3 for video, else read from the config's data)")
     be.set_defaults(func=commands.cmd_bench)
+
+    dt = sub.add_parser("detect", help="run a saved video detector on video files (results JSON, optional timeline)")
+    dt.add_argument("videos", nargs="+", type=Path, metavar="VIDEO", help="video files (the id is the file's stem)")
+    dt.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors from train or compress")
+    dt.add_argument("--out", type=Path, default=None, help="results JSON to write (default: print it)")
+    dt.add_argument("--plot", type=Path, default=None, help="also draw a timeline PNG (needs blockdrop[report])")
+    dt.add_argument("--annotations", type=Path, default=None,
+                    help="ground truth (OpenTAD/ActivityNet JSON) drawn under the detections in --plot")
+    dt.add_argument("--fps", type=_positive_float, default=None,
+                    help="decode rate (default: the model's training rate; another one is warned about)")
+    dt.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    dt.add_argument("--min-score", type=_positive_float, default=None,
+                    help="score floor (default: the model's eval.min_score)")
+    dt.set_defaults(func=commands.cmd_detect)
     return parser
 
 
@@ -141,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blockdrop: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not the input: a full or read-only disk, a missing permission
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"blockdrop: error: {where}{err.strerror or err}; free space, fix the permissions or choose "
+              f"another --out", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

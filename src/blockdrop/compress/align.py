@@ -178,7 +178,8 @@ def align(student: nn.Module, teacher: nn.Module, target, train_data, train_cfg,
           rank: int | None = None, alpha: float | None = None, targets=None, trainable=None,
           dropout: float = 0.0, weights: Mapping[str, float] | None = None, evaluate_fn=None,
           metric: str | None = None, score_unaligned: bool = True, out_dir=None, resume: bool = False,
-          progress: bool = True, config_name: str = "train", merge_atol: float = 1e-4, merge_rtol: float = 1e-3):
+          progress: bool = True, config_name: str = "train", on_checkpoint=None, merge_atol: float = 1e-4,
+          merge_rtol: float = 1e-3):
     """LoRA-fine-tune ``student`` against ``teacher``; return (merged student, FitResult).
 
     ``student`` is modified in place (LoRA added, trained, merged) and returned; ``teacher`` is
@@ -200,7 +201,7 @@ def align(student: nn.Module, teacher: nn.Module, target, train_data, train_cfg,
     validate = (lambda m: evaluate_fn(m.model)) if evaluate_fn is not None else None
     result = fit(runner, loss_fn, train_data, train_cfg, evaluate_fn=validate, select_metric=metric or "",
                  evaluate_initial=score_unaligned and validate is not None, out_dir=out_dir, resume=resume,
-                 on_best=best.keep, progress=progress, config_name=config_name)
+                 on_best=best.keep, progress=progress, config_name=config_name, on_checkpoint=on_checkpoint)
     best.restore(runner, metric)
     batch = _first_batch(train_data, model_device(student))
     merged = merge_lora(student, lambda m: run_blocks(m, target, batch), atol=merge_atol, rtol=merge_rtol)

@@ -113,7 +113,7 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
         validate=validate, metric=metric, measure=model_cost(target, example, latency=latency, threads=latency_threads),
         save=lambda m, path: save_compressed(m, path, builder=builder),
         load=lambda path: load_compressed(path, lambda _builder: copy.deepcopy(model)).to(model_device(model)),
-        progress=progress, log=log or (lambda _msg: None))
+        progress=progress, log=log or (lambda _msg: None), seed=seed if seed is not None else 0)
     with tempfile.TemporaryDirectory(prefix="blockdrop-") if out is None else _folder(out) as folder:
         history = progressive_block_drop(setup, cfg, Path(folder), resume=resume)
         compressed = setup.load(Path(folder) / MODEL_FILE) if history.steps else copy.deepcopy(model)

@@ -30,15 +30,21 @@ from torch import nn
 from blockdrop.compress.align import align
 from blockdrop.compress.history import AlignRecord, Cost, History, SelectionRecord, StepRecord, TeacherRecord
 from blockdrop.compress.rules import stopping_rules, strategy_for
-from blockdrop.compress.selection import select_block
+from blockdrop.compress.selection import Halving, select_block
 from blockdrop.compress.stack import drop_original, kept_blocks
 from blockdrop.core import distributed as dist
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.fileio import atomic_path, write_json
 from blockdrop.core.schema import CompressConfig
+from blockdrop.core.training import seed_everything, stage_seed
 
 MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
+SELECT, ALIGN, VALIDATE = 1, 2, 3  # the stages of a step, each with its own random stream
+
+
+def _enter(setup: Setup, step: int, stage: int) -> None:
+    seed_everything(stage_seed(setup.seed, step, stage))
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Setup:
     selection_target: object | None = None  # a target whose `score` knows the selection data
     progress: bool = True
     log: Callable[[str], None] = print
+    on_checkpoint: Callable[[int], None] | None = None  # rank 0, after each alignment epoch's state
+    seed: int = 0  # each stage (selection, alignment, validation of step k) starts from seed_stage(seed, k, stage)
 
 
 def progressive_block_drop(setup: Setup, cfg: CompressConfig, out: Path, *, resume: bool = False) -> History:
@@ -96,8 +104,10 @@ def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, hi
              step_dir: Path, resume: bool) -> tuple[nn.Module, StepRecord]:
     """One step on a copy of ``student``: select -> drop -> align + merge -> validate -> measure."""
     start = time.perf_counter()
+    _enter(setup, step, SELECT)
     selection = dist.main_result(lambda: _select(setup, cfg, strategy, student, step_dir))
     selected = time.perf_counter()
+    _enter(setup, step, ALIGN)
     student = copy.deepcopy(student)
     # "previous": the model this step starts from, frozen (the authors' ActivityNet setting)
     teacher = setup.teacher if cfg.teacher_mode == "original" else copy.deepcopy(student)
@@ -108,8 +118,9 @@ def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, hi
                         targets=a.lora_targets, trainable=a.trainable, weights=a.weights,
                         evaluate_fn=setup.validate, metric=setup.metric, score_unaligned=a.score_unaligned,
                         out_dir=step_dir / "align", resume=resume, progress=setup.progress,
-                        config_name="compress.alignment.train")
+                        config_name="compress.alignment.train", on_checkpoint=setup.on_checkpoint)
     aligned = time.perf_counter()
+    _enter(setup, step, VALIDATE)
     val, cost, times = dist.main_result(lambda: _validate_and_measure(setup, merged))
     kept = kept_blocks(merged, stack=setup.target.stack_path)
     record = StepRecord(
@@ -137,8 +148,10 @@ def _select(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, ste
     if path.exists():
         return History.selection_from_json(json.loads(path.read_text()), str(path))
     target = setup.selection_target if setup.selection_target is not None else setup.target
-    result = select_block(student, target, setup.selection_data, evaluator=cfg.selection.evaluator,
-                          metric=cfg.selection.block_metric)
+    sel = cfg.selection
+    halving = Halving(sel.halving_first, sel.halving_keep) if sel.search == "halving" else None
+    result = select_block(student, target, setup.selection_data, evaluator=sel.evaluator, metric=sel.block_metric,
+                          halving=halving)
     record = SelectionRecord(**{k: v for k, v in asdict(result).items()}, drop=[])
     record.drop = strategy.drop(record)
     step_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +166,7 @@ def _start(setup: Setup, out: Path, resume: bool) -> History:
     if resume and path.exists():
         return History.load(path)
     setup.log("measuring the teacher on the validation split")
+    _enter(setup, 0, VALIDATE)
     val, cost, _ = dist.main_result(lambda: _validate_and_measure(setup, setup.teacher))
     history = History(teacher=TeacherRecord(kept_blocks=kept_blocks(setup.teacher, stack=setup.target.stack_path),
                                             val=val, cost=cost),

@@ -9,6 +9,7 @@ weights) are saved once and restored under every name.
 """
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +52,28 @@ def _plain_tensors(state: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors header with its keys sorted, in place and at the same length.
+
+    The library writes the header from a hash map, so identical models give files whose bytes
+    differ between processes (the metadata order changes); sorted keys make them identical.
+    Tensor offsets are relative to the end of the header, so its order does not move any data."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:  # cannot happen for the same content; keep the library's bytes then
+            return
+        f.seek(8)
+        f.write(canonical + b" " * (size - len(canonical)))  # the format pads headers with spaces
+
+
 def _atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        _canonical_header(tmp)
 
 
 def save_compressed(model: nn.Module, path, *, builder: dict, stack: "BlockStack | str | None" = None) -> Path:

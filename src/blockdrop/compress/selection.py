@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import operator
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class SelectionResult:
     wall_time_s: float
     naive: bool  # whether the naive method ran
     batches: int
+    rounds: list = field(default_factory=list)  # successive halving: per round {candidates, batches, scores}
 
     def to_dict(self) -> dict:
         """Plain JSON types; score keys are strings, as they come back from a JSON file."""
@@ -114,8 +115,9 @@ class _SubnetworkScores:
 
     def __init__(self, target: CompressionTarget, evaluator: str, metric: str, candidates: list[int]):
         self.target, self.evaluator, self.metric = target, evaluator, metric
-        self.predictions = {k: [] for k in candidates}  # "map": predictions over all batches
+        self.predictions = {k: [] for k in candidates}  # "map": predictions over the batches seen
         self.loss_sum = dict.fromkeys(candidates, 0.0)  # "loss": sum of per-batch totals
+        self.seen = dict.fromkeys(candidates, 0)  # batches each candidate was scored on
         self.batches = 0
 
     def add(self, k: int, model: nn.Module, output, batch: dict) -> None:
@@ -123,11 +125,13 @@ class _SubnetworkScores:
             self.predictions[k].extend(self.target.predict(model, output, batch))
         else:
             self.loss_sum[k] += float(self.target.task_loss(model, output, batch)["total"])
+        self.seen[k] += 1
 
-    def scores(self) -> dict[int, float]:
+    def scores(self, keys=None) -> dict[int, float]:
+        keys = list(self.predictions) if keys is None else keys
         if self.evaluator == "loss":
-            return {k: total / self.batches for k, total in self.loss_sum.items()}
-        return {k: self._metric(self.target.score(preds)) for k, preds in self.predictions.items()}
+            return {k: self.loss_sum[k] / self.seen[k] for k in keys}
+        return {k: self._metric(self.target.score(self.predictions[k])) for k in keys}
 
     def _metric(self, metrics: dict) -> float:
         if self.metric not in metrics:
@@ -180,13 +184,52 @@ def _feature_scores(model, target, loader, device, blocks, candidates, evaluator
     return {k: sums[k] / counts[k] if counts[k] else math.nan for k in candidates}, batches
 
 
-def _subnetwork_scores(model, target, loader, device, blocks, candidates, evaluator, metric, naive):
+def _subnetwork_scores(model, target, loader, device, blocks, candidates, evaluator, metric, naive,
+                       halving: Halving | None = None):
+    """Every candidate on every batch; with ``halving``, successive halving over the data instead:
+    after ``first`` batches only the best ``keep`` fraction of the candidates goes on, the next
+    round ends at twice as many batches, and so on until one remains or the data ends. Each
+    candidate's predictions accumulate over the rounds, so nothing is computed twice; one pass
+    over the data. -> (scores, batches, rounds)."""
     acc = _SubnetworkScores(target, evaluator, metric, candidates)
     run_batch = _naive_batch if naive else _shared_prefix_batch
+    alive, rounds = list(candidates), []
+    boundary = halving.first if halving is not None else None
     for batch in loader:
-        run_batch(model, target, to_device(batch, device), blocks, candidates, acc)
+        if len(alive) == 1 and halving is not None:
+            break  # the last survivor needs no more data
+        run_batch(model, target, to_device(batch, device), blocks, alive, acc)
         acc.batches += 1
-    return (acc.scores() if acc.batches else {}), acc.batches
+        if boundary is not None and acc.batches == boundary:
+            alive = _halve(acc, alive, halving, rounds)
+            boundary *= 2
+    if not acc.batches:
+        return {}, 0, rounds
+    final = acc.scores(alive)
+    if halving is not None and (not rounds or rounds[-1]["batches"] != acc.batches):
+        rounds.append({"candidates": sorted(alive), "batches": acc.batches, "scores": final})
+    eliminated = {k: v for r in rounds for k, v in r["scores"].items() if k not in alive}
+    return {**eliminated, **final}, acc.batches, rounds
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving over the selection data (see `_subnetwork_scores`)."""
+
+    first: int = 2  # batches of the first round
+    keep: float = 0.5  # fraction of the candidates that goes on after a round
+
+    def __post_init__(self) -> None:
+        if self.first < 1 or not 0 < self.keep < 1:
+            raise BlockdropError(f"successive halving needs first >= 1 batch and 0 < keep < 1, got {self}")
+
+
+def _halve(acc: _SubnetworkScores, alive: list[int], halving: Halving, rounds: list) -> list[int]:
+    scores = acc.scores(alive)
+    rounds.append({"candidates": sorted(alive), "batches": acc.batches, "scores": scores})
+    sign = -1.0 if HIGHER_IS_BETTER[acc.evaluator] else 1.0
+    ranked = sorted(alive, key=lambda k: (math.isnan(scores[k]), sign * scores[k], k))
+    return sorted(ranked[: max(1, math.ceil(halving.keep * len(alive)))])
 
 
 def naive_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
@@ -214,7 +257,7 @@ def check_evaluator(target, evaluator: str, where: str = "evaluator") -> None:
 
 def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str = "score",
                  metric: str | None = None, naive: bool = False, device=None,
-                 candidates=None) -> SelectionResult:
+                 candidates=None, halving: Halving | None = None) -> SelectionResult:
     """Score every candidate block of ``model``'s stack on ``loader`` and choose one to drop.
 
     ``loader`` yields batches of a selection split of TRAINING data without augmentation (a
@@ -223,8 +266,10 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
     ``metric``: the key of ``target.score`` the "score" evaluator ranks by. ``device``: where batches
     are moved (default: the model's). ``candidates``: current positions that may be dropped
     (default: all). ``naive=True`` runs every candidate from scratch (same choice and scores, more
-    forwards). Raises BlockdropError for a stack of one block, an unknown evaluator or metric, a
-    target that cannot serve the evaluator, or no batches.
+    forwards). ``halving``: successive halving over the data for the sub-network evaluators (the
+    choice among the survivors of each round; every round is recorded in ``rounds``; an eliminated
+    candidate's score is its last round's). Raises BlockdropError for a stack of one block, an
+    unknown evaluator or metric, a target that cannot serve the evaluator, or no batches.
     """
     check_evaluator(target, evaluator)
     if evaluator in SCORE_EVALUATORS and not metric:
@@ -240,21 +285,25 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
     start = time.perf_counter()
     try:
         with eval_mode(model), torch.no_grad():
+            rounds = []
             if evaluator.startswith("feature"):
                 scores, batches = _feature_scores(model, target, loader, device, blocks, candidates, evaluator)
             else:
-                scores, batches = _subnetwork_scores(model, target, loader, device, blocks, candidates,
-                                                     evaluator, metric, naive)
+                scores, batches, rounds = _subnetwork_scores(model, target, loader, device, blocks, candidates,
+                                                             evaluator, metric, naive, halving)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         counter.remove()
     if not batches:
         raise BlockdropError("select_block: the selection loader yielded no batches")
-    chosen = _choose(scores, HIGHER_IS_BETTER[evaluator])
+    finalists = rounds[-1]["candidates"] if rounds else list(scores)
+    chosen = _choose({k: scores[k] for k in finalists}, HIGHER_IS_BETTER[evaluator])
     return SelectionResult(
         chosen=chosen, chosen_original=original[chosen], scores={original[k]: s for k, s in scores.items()},
         evaluator=evaluator, metric=metric if evaluator in SCORE_EVALUATORS else None,
         higher_is_better=HIGHER_IS_BETTER[evaluator], block_forwards=counter.count,
         naive_block_forwards=batches * naive_forwards(len(blocks), candidates, evaluator),
-        wall_time_s=time.perf_counter() - start, naive=naive and not evaluator.startswith("feature"), batches=batches)
+        wall_time_s=time.perf_counter() - start, naive=naive and not evaluator.startswith("feature"), batches=batches,
+        rounds=[{"candidates": [original[k] for k in r["candidates"]], "batches": r["batches"],
+                 "scores": {str(original[k]): v for k, v in r["scores"].items()}} for r in rounds])

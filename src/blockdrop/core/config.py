@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from blockdrop.core.errors import ConfigError
+from blockdrop.core.fileio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -203,4 +204,4 @@ def load_config(cls: type[T], path: str | Path, overrides: typing.Sequence[str] 
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

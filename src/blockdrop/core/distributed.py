@@ -38,12 +38,21 @@ def barrier() -> None:
 def main_result(fn):
     """``fn()`` computed on rank 0 only and its (picklable) result handed to every rank, so
     that decisions taken from it (which block to drop, whether to stop) are the same on all
-    ranks. In one process it is just ``fn()``."""
+    ranks. An exception on rank 0 is raised on every rank (no rank waits forever for a result
+    that never comes). In one process it is just ``fn()``."""
     if not is_initialized():
         return fn()
-    box = [fn() if is_main() else None]
+    box = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+            box[0] = ("error", err)
     tdist.broadcast_object_list(box, src=0)
-    return box[0]
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def init_from_env(backend: str | None = None) -> torch.device:

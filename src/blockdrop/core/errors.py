@@ -26,6 +26,14 @@ class CheckpointError(BlockdropError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class TrainingError(BlockdropError):
+    """A run that cannot go on as configured (e.g. a loss that went non-finite)."""
+
+
+class RunFolderError(BlockdropError):
+    """A run folder that cannot be used as asked (locked, changed, damaged)."""
+
+
 def listing(items, shown: int = 20) -> str:
     """At most ``shown`` items, comma-separated, with a count of the rest (for error messages)."""
     items = [str(i) for i in items]

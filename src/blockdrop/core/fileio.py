@@ -10,11 +10,35 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 from blockdrop.core.errors import DataError
+
+
+def _new_sibling(parent: Path, prefix: str, suffix: str, *, folder: bool = False) -> Path:
+    """Create a fresh, uniquely named file (or folder) in ``parent`` with the permissions an ordinary
+    ``open()`` (``mkdir``) gives, 0666 (0777) less the umask: ``tempfile.mkstemp`` / ``mkdtemp``
+    make them private (0600 / 0700), and the rename would carry that onto the published output."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                os.mkdir(candidate, 0o777)  # the kernel applies the umask, as for any new folder
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{parent}: no free temporary name {prefix}*{suffix}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -25,11 +49,10 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
     writers that pick a format from the extension (video containers, ``np.save``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_sibling(path.parent, f".{path.name}.", suffix)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # a writer that replaced the file (safetensors does) made it 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -79,8 +102,7 @@ def _publish(tmp: Path, out: Path) -> None:
 def staged_folder(out: Path):
     """Yield a temporary sibling of ``out`` to fill; it replaces ``out`` only if the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the published folder should look like any other
+    tmp = _new_sibling(out.parent, f".{out.name}.tmp-", "", folder=True)
     try:
         yield tmp
         _publish(tmp, out)

@@ -8,7 +8,7 @@ code can trust them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 
 def _positive(name: str, value: float | int | None) -> None:
@@ -47,6 +47,9 @@ class DataConfig:
         _positive("window", self.window)
         _positive("rate", self.rate)
         _positive("test_stride", self.test_stride)
+        if self.test_stride is not None and self.test_stride > self.window:
+            raise ValueError(f"'test_stride' {self.test_stride} must be at most 'window' {self.window} "
+                             f"(test windows would leave gaps)")
         _positive("train_repeats", self.train_repeats)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"'val_fraction' must be in (0, 1), got {self.val_fraction}")
@@ -73,18 +76,27 @@ class BackboneConfig:
     clip_len: int = 16  # video: frames per clip fed to the ViT independently
     drop_path: float = 0.1
     checkpoint: str | None = None  # pretrained backbone weights (local path only)
-    checkpoint_format: Literal["hf_videomae", "mmaction", "hf_dinov2", "onnx_dinov2"] | None = None
+    # mmaction: a VideoMAE backbone (adapters, if any, start fresh); adatad: an OpenTAD AdaTAD
+    # checkpoint, whose adapters must all be there (docs/models.md, "AdaTAD adapters")
+    checkpoint_format: Literal["hf_videomae", "mmaction", "adatad", "hf_dinov2", "onnx_dinov2"] | None = None
     grad_checkpointing: bool = False
     # videomae only: "rgb" (VideoMAE) or "rgb_diff", the difference of consecutive normalised frames
     # (TSN's RGB-difference modality); see docs/models.md
     input: Literal["rgb", "rgb_diff"] = "rgb"
     spatial_pool: Literal["mean", "max"] = "mean"  # videomae only: tokens -> one feature per tubelet step
+    # videomae only, AdaTAD temporal adapters: null (none), "all", or a list of block indices
+    adapter_blocks: Any = None
+    adapter_ratio: float = 0.25  # adapter channels = width * ratio
+    adapter_kernel: int = 3  # the adapter's temporal depth-wise kernel (odd)
+    train_only_adapters: bool = False  # AdaTAD: the ViT stays frozen, only its adapters train
 
     def __post_init__(self) -> None:
         if self.kind != "videomae":
-            for name, default in (("input", "rgb"), ("spatial_pool", "mean")):
+            for name, default in (("input", "rgb"), ("spatial_pool", "mean"), ("adapter_blocks", None),
+                                  ("adapter_ratio", 0.25), ("adapter_kernel", 3), ("train_only_adapters", False)):
                 if getattr(self, name) != default:
                     raise ValueError(f"'{name}': {getattr(self, name)!r} is for kind videomae only")
+        self._check_adapters()
         if self.size is None and None in (self.depth, self.width, self.heads):
             raise ValueError("give 'size' or all of 'depth', 'width', 'heads'")
         for name in ("depth", "width", "heads", "patch", "tubelet", "clip_len"):
@@ -93,6 +105,23 @@ class BackboneConfig:
             raise ValueError(f"'drop_path' must be in [0, 1), got {self.drop_path}")
         if self.checkpoint is not None and self.checkpoint_format is None:
             raise ValueError("'checkpoint' needs 'checkpoint_format'")
+
+    def _check_adapters(self) -> None:
+        blocks = self.adapter_blocks
+        if isinstance(blocks, list):  # YAML lists arrive as lists (the field is Any): keep configs hashable
+            object.__setattr__(self, "adapter_blocks", blocks := tuple(blocks))
+        ints = isinstance(blocks, tuple) and all(type(i) is int and i >= 0 for i in blocks)
+        if not (blocks is None or blocks == "all" or (ints and blocks and len(set(blocks)) == len(blocks))):
+            raise ValueError(f"'adapter_blocks' must be null, 'all' or a list of distinct block indices >= 0, "
+                             f"got {blocks!r}")
+        if not 0.0 < self.adapter_ratio <= 1.0:
+            raise ValueError(f"'adapter_ratio' must be in (0, 1], got {self.adapter_ratio}")
+        if self.adapter_kernel < 1 or self.adapter_kernel % 2 == 0:
+            raise ValueError(f"'adapter_kernel' must be a positive odd number, got {self.adapter_kernel}")
+        if self.train_only_adapters and blocks is None:
+            raise ValueError("'train_only_adapters' needs 'adapter_blocks'")
+        if self.checkpoint_format == "adatad" and blocks is None:
+            raise ValueError("'checkpoint_format' adatad needs 'adapter_blocks' (the checkpoint's adapters)")
 
 
 @dataclass(frozen=True)
@@ -183,9 +212,17 @@ class SelectionConfig:
     evaluator: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] = "map"
     block_metric: str = "mAP@0.5"  # the map evaluator's score of a candidate (the released THUMOS recipe)
     videos: int | None = None  # score candidates on this many training videos, seeded (None: all)
+    # exhaustive: every candidate on all selection data; halving: successive halving over the data
+    # (all candidates on halving_first batches, the best halving_keep go on to twice as many, ...)
+    search: Literal["exhaustive", "halving"] = "exhaustive"
+    halving_first: int = 2
+    halving_keep: float = 0.5
 
     def __post_init__(self) -> None:
         _positive("videos", self.videos)
+        _positive("halving_first", self.halving_first)
+        if not 0 < self.halving_keep < 1:
+            raise ValueError(f"'halving_keep' must be in (0, 1), got {self.halving_keep}")
 
 
 @dataclass(frozen=True)

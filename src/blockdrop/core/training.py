@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from blockdrop.core import distributed as dist
-from blockdrop.core.errors import ConfigError
-from blockdrop.core.fileio import atomic_path
+from blockdrop.core.errors import CheckpointError, ConfigError, TrainingError
+from blockdrop.core.fileio import atomic_path, atomic_write_text
 from blockdrop.core.schema import TrainConfig
 from blockdrop.core.torchutil import model_device, to_device
 
@@ -42,11 +44,14 @@ class FitResult:
     initial: dict | None = None  # the metrics before the first epoch (evaluate_initial)
 
 
+def stage_seed(seed: int, *keys: int) -> int:
+    """A seed for one stage of a run, e.g. (seed, step, stage): each stage starts from its own
+    random stream, so a resumed run that skips finished stages draws exactly what an
+    uninterrupted run draws (a validation pass iterating a DataLoader draws from the global RNG)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])  # 32 bits: numpy legacy seeding takes no more
+
+
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -114,6 +119,18 @@ class _Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Exactly these records (a resumed run: an epoch logged after the last saved state is
+        dropped, so it is not logged twice when it runs again)."""
+        if self.path is not None and dist.is_main():
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class _NonFinite(Exception):
+    def __init__(self, term: str, values: dict):
+        super().__init__(term)
+        self.term, self.values = term, values
+
 
 def check_schedule(cfg: TrainConfig, steps_per_epoch: int, config_name: str = "train") -> None:
     """Refuse an EMA that would still be mostly the initial weights at the end of the run.
@@ -144,6 +161,7 @@ def fit(
     on_best: Callable[[nn.Module, dict], None] | None = None,
     progress: bool = True,
     config_name: str = "train",
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs``; keep the best validation state via ``on_best``.
 
@@ -153,6 +171,7 @@ def fit(
     ``evaluate_initial`` the model is scored before the first epoch ("epoch 0") as a candidate
     for best: training then only replaces it by an epoch that scores higher. ``config_name`` is
     the section the settings came from, for error messages (e.g. "compress.alignment.train").
+    ``on_checkpoint(epoch)`` runs on rank 0 after each epoch's resumable state is saved.
     """
     from tqdm.auto import tqdm
 
@@ -174,6 +193,8 @@ def fit(
     state_path = out / "train_state.pt" if out is not None else None
     if resume and state_path is not None and state_path.exists():
         start_epoch = _load_state(state_path, model, ema, optimizer, scheduler, result)
+        log.rewrite(([{"epoch": 0, **{f"val/{k}": v for k, v in result.initial.items()}}] if result.initial else [])
+                    + result.history)
     elif evaluate_initial and evaluate_fn is not None:
         record = {"epoch": 0}
         _validate(evaluate_fn, ema.module if ema is not None else model, record, 0, select_metric, result, on_best)
@@ -192,8 +213,11 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (progress and dist.is_main()))
         for step, batch in enumerate(bar):
-            losses = _train_step(train_model, loss_fn, to_device(batch, device), optimizer, cfg, device,
-                                 where=f"epoch {epoch + 1}, step {step + 1}")
+            try:
+                losses = _train_step(train_model, loss_fn, to_device(batch, device), optimizer, cfg, device)
+            except _NonFinite as bad:
+                raise _diverged(bad, epoch + 1, step + 1, config_name, state_path, model, ema, optimizer,
+                                scheduler) from None
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -212,6 +236,8 @@ def fit(
         log(record)
         if state_path is not None and dist.is_main():
             _save_state(state_path, model, ema, optimizer, scheduler, result, epoch + 1)
+            if on_checkpoint is not None:
+                on_checkpoint(epoch + 1)
         dist.barrier()
     if evaluate_fn is None and on_best is not None:
         on_best(ema.module if ema is not None else model, result.history[-1] if result.history else {})
@@ -230,20 +256,35 @@ def _validate(evaluate_fn, eval_model, record: dict, epoch: int, select_metric: 
             on_best(eval_model, record)
 
 
-def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device, where: str = "") -> dict[str, float]:
+def _train_step(model, loss_fn, batch, optimizer, cfg: TrainConfig, device) -> dict[str, float]:
     with _autocast(device, cfg.amp):
         losses = loss_fn(model, batch)
-    total = losses["total"]
-    if not torch.isfinite(total):
-        values = {k: float(v) for k, v in losses.items()}
-        raise FloatingPointError(f"non-finite training loss at {where}: {values}")
+    if not torch.isfinite(losses["total"]):
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        term = next((k for k, v in values.items() if k != "total" and not math.isfinite(v)), "total")
+        raise _NonFinite(term, values)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if cfg.grad_clip > 0:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    losses["total"].backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if not torch.isfinite(norm):  # a finite loss whose gradient overflowed would poison the weights
+        raise _NonFinite("gradient", {"grad_norm": float(norm)})
     optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _diverged(bad: _NonFinite, epoch: int, step: int, config_name: str, state_path, model, ema, optimizer,
+              scheduler) -> TrainingError:
+    """The error for a non-finite loss or gradient, after putting back the last good state (the one
+    saved at the end of the last complete epoch), so neither the model nor the run folder holds it."""
+    restored = "no epoch had completed, so there is no saved state to return to"
+    if state_path is not None and state_path.exists():
+        scratch = FitResult(best_metric=None, best_epoch=None, epochs_run=0)
+        restored = f"the weights of epoch {_load_state(state_path, model, ema, optimizer, scheduler, scratch)} " \
+                   f"are restored (and stay in {state_path})"
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in bad.values.items())
+    return TrainingError(f"the {bad.term!r} loss term went non-finite at epoch {epoch}, step {step} ({shown}); "
+                         f"{restored}; lower {config_name}.lr or set {config_name}.grad_clip, then resume")
 
 
 def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult, epoch: int) -> None:
@@ -265,8 +306,12 @@ def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult,
 
 
 def _load_state(path: Path, model, ema, optimizer, scheduler, result: FitResult) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    except Exception as err:  # truncated, tampered or of another model: torch raises many kinds
+        raise CheckpointError(f"{path}: cannot resume from it ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                              f"delete it to redo this part of the run, or start over with --overwrite") from None
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])

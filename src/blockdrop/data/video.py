@@ -9,6 +9,9 @@ frame rate: output frame ``i`` (time ``t = i / fps``) is the latest decoded fram
 whose time is ``<= t``. The number of output frames is the number of ``t`` in
 ``[0, duration)``, where ``duration`` is the stream's recorded duration, so
 ``VideoSource.length`` can answer from metadata alone and agree with ``load``.
+
+``decode_video`` returns the whole video as one array (training, ``eval``); ``stream_video``
+yields the same frames chunk by chunk for videos of any length (``blockdrop detect``).
 """
 
 from __future__ import annotations
@@ -165,6 +168,76 @@ def decode_video(
     if frames is None:
         raise DataError(f"{path}: no frames could be decoded")
     return frames  # (T, H, W, 3)
+
+
+# A stream whose decoded frames stop this many seconds before the recorded duration is truncated
+# (a cut-off download): decode_video pads such a file with its last frame; the stream refuses it.
+_TRUNCATION_SLACK = 1.0
+
+
+def stream_video(
+    path: str | os.PathLike,
+    *,
+    fps: float,
+    size: int | tuple[int, int] | None = None,
+    crop: int | tuple[int, int] | None = None,
+    chunk: int = 64,
+) -> Iterator[np.ndarray]:
+    """Decode a video chunk by chunk: ``(n, H, W, 3)`` uint8 arrays with ``n <= chunk``.
+
+    Concatenated, the chunks equal ``decode_video(path, fps=fps, size=size, crop=crop)`` (the same
+    resampling, resize and crop, ``num_output_frames(duration, fps)`` frames in all), but only one
+    chunk is held at a time, so memory does not grow with the video's length. Errors are raised as
+    they are met: a file that cannot be opened before the first chunk, one that breaks while
+    decoding, or whose frames end more than a second before its recorded duration (truncated), at
+    that point.
+    """
+    path = Path(path)
+    if not fps > 0:
+        raise DataError(f"{path}: target fps must be positive, got {fps}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    meta = probe_video(path)
+    total = num_output_frames(meta.duration, fps)
+    container = _open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    decoded = _Watched(_timed_frames(container, stream))
+    convert, buffer, filled = _FrameConverter(size, crop, path), None, 0
+    try:
+        for frame in _pick_frames(decoded, fps, total):
+            if decoded.ended and decoded.last < meta.duration - 1.0 / meta.fps - _TRUNCATION_SLACK:
+                raise DataError(f"{path}: truncated: frames end at {decoded.last:.2f} s of the "
+                                f"{meta.duration:.2f} s its header records")
+            array = convert(frame)
+            if buffer is None:
+                buffer = np.empty((min(chunk, total), *array.shape), np.uint8)
+            buffer[filled] = array
+            filled += 1
+            if filled == len(buffer):
+                yield buffer
+                buffer, filled = np.empty_like(buffer), 0  # a new array: the caller may keep the last
+    except (av.FFmpegError, OSError) as err:
+        raise DataError(f"{path}: cannot decode video ({err})") from None
+    finally:
+        container.close()
+    if buffer is None:
+        raise DataError(f"{path}: no frames could be decoded")
+    if filled:
+        yield buffer[:filled]
+
+
+class _Watched:
+    """Passes (time, frame) pairs through, remembering the last time and whether they ran out."""
+
+    def __init__(self, timed_frames) -> None:
+        self.timed_frames, self.last, self.ended = timed_frames, 0.0, False
+
+    def __iter__(self):
+        for time, frame in self.timed_frames:
+            self.last = time
+            yield time, frame
+        self.ended = True
 
 
 def _pick_frames(timed_frames, fps: float | None, total: int | None) -> Iterator:

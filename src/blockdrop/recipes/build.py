@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib.resources import files
@@ -31,6 +32,7 @@ from blockdrop.core.config import from_dict, load_config, to_dict
 from blockdrop.core.errors import BlockdropError, ConfigError, DataError
 from blockdrop.core.schema import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
 from blockdrop.data.annotations import Annotations, get_preset, load_annotations
+from blockdrop.data.check import check_media, describe_problems
 from blockdrop.data.dataset import TADDataset
 from blockdrop.data.sequences import SequenceSource
 from blockdrop.data.video import VideoSource
@@ -93,6 +95,23 @@ def load_experiment_annotations(data: DataConfig) -> Annotations:
         hint = f"; to obtain it: {data.obtain}" if data.obtain else ""
         raise DataError(f"{path}: annotation file not found (data.root / data.annotations){hint}")
     return load_annotations(path, preset=data.preset)
+
+
+def check_data(cfg: ExperimentConfig, annotations: Annotations, source, *,
+               skip_bad: bool = False) -> tuple[Annotations, dict[str, str]]:
+    """Every media file of the annotated videos checked before a run (data/check.py).
+
+    Bad files are an error listing all of them, or with ``skip_bad`` are left out (with a
+    warning): returns (the annotations to use, {video id: problem} of the files left out)."""
+    problems = check_media(source, annotations.videos, video=cfg.data.kind == "video", cache_dir=cfg.data.cache_dir)
+    if not problems:
+        return annotations, {}
+    text = describe_problems(source, problems)
+    if not skip_bad:
+        raise DataError(f"{text}; see `blockdrop data check CONFIG`, or pass --skip-bad-media to leave them out")
+    print(f"blockdrop: warning: leaving out {text}", file=sys.stderr)
+    kept = {v: info for v, info in annotations.videos.items() if v not in problems}
+    return replace(annotations, videos=kept), problems
 
 
 def data_fingerprint(data: DataConfig, annotations: Annotations, source) -> dict:
@@ -200,11 +219,14 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
                                  max_len=data.window // bb.patch)
     elif bb.kind == "videomae":
         pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
-        model = vit.ClipVideoBackbone(
-            vit.videomae_vit(bb.size or "S", num_frames=bb.clip_len, patch=bb.patch,
-                             tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
-                             drop_path_rate=bb.drop_path, **dims),
-            clip_len=bb.clip_len, input_mode=bb.input)
+        try:
+            video_vit = vit.videomae_vit(bb.size or "S", num_frames=bb.clip_len, patch=bb.patch,
+                                         tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
+                                         drop_path_rate=bb.drop_path, adapter_blocks=bb.adapter_blocks,
+                                         adapter_ratio=bb.adapter_ratio, adapter_kernel=bb.adapter_kernel, **dims)
+        except ConfigError as err:  # adapter_blocks meets the depth only here
+            raise ConfigError(f"backbone: {err}") from None
+        model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input)
     else:
         model = vit.ClipVideoBackbone(
             vit.dinov2_vit(bb.size or "S", bb.patch, img_size=data.frame_size, drop_path_rate=bb.drop_path, **dims),
@@ -213,6 +235,9 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
         (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)
     if bb.checkpoint is not None:
         load_pretrained_backbone(model, bb)
+    if bb.train_only_adapters:  # AdaTAD: the optimiser sees only what requires grad (recipes/train.py)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".adapter." in name)
     return model
 
 
@@ -222,8 +247,11 @@ def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
         checkpoints.load_onnx_dinov2(vit_model, bb.checkpoint)
         return
     state = checkpoints.load_checkpoint_file(bb.checkpoint)
-    loader = {"hf_videomae": checkpoints.load_hf_videomae, "mmaction": checkpoints.load_mmaction_videomae,
-              "hf_dinov2": checkpoints.load_hf_dinov2}[bb.checkpoint_format]
+    if bb.checkpoint_format in ("mmaction", "adatad"):  # a plain VideoMAE gets fresh adapters
+        adapters = "checkpoint" if bb.checkpoint_format == "adatad" else "fresh"
+        checkpoints.load_mmaction_videomae(vit_model, state, adapters=adapters)
+        return
+    loader = {"hf_videomae": checkpoints.load_hf_videomae, "hf_dinov2": checkpoints.load_hf_dinov2}[bb.checkpoint_format]
     loader(vit_model, state)
 
 

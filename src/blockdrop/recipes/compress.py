@@ -21,12 +21,13 @@ from blockdrop.core.errors import ConfigError
 from blockdrop.core.measure import count_macs, count_params, measure_latency
 from blockdrop.core.schema import ExperimentConfig
 from blockdrop.core.torchutil import model_device
-from blockdrop.core.training import check_schedule, make_loader, seed_everything
+from blockdrop.core.training import check_schedule, make_loader
 from blockdrop.data.dataset import collate_windows
-from blockdrop.recipes.build import (check_experiment, example_window, load_detector, load_experiment_annotations,
-                                     make_dataset, make_source, split_annotations)
+from blockdrop.core.config import to_dict
+from blockdrop.recipes.build import (builder_config, check_data, check_experiment, example_window, load_detector,
+                                     load_experiment_annotations, make_dataset, make_source, split_annotations)
 from blockdrop.recipes.report import write_report
-from blockdrop.recipes.runs import start_run
+from blockdrop.recipes.runs import COMPRESS_SECTIONS, file_sha256, run_folder
 from blockdrop.tad.inference import evaluate
 from blockdrop.tad.target import DetectorTarget
 
@@ -61,24 +62,61 @@ def _target(cfg: ExperimentConfig, dataset) -> DetectorTarget:
     return DetectorTarget(dataset, cfg.eval, temperature=cfg.compress.alignment.temperature)
 
 
+ARCHITECTURE_KEYS = {"data": ("kind", "window", "frame_size", "rate"),
+                     "backbone": None, "head": None}  # None: the whole section
+NOT_ARCHITECTURE = {"checkpoint", "checkpoint_format", "grad_checkpointing", "drop_path", "dropout"}
+
+
+def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path) -> None:
+    """The teacher must be the architecture the config describes, on the config's classes."""
+    teacher = to_dict(builder_config(builder, source=str(path)))
+    mine = to_dict(cfg)
+    differ = []
+    for section, keys in ARCHITECTURE_KEYS.items():
+        names = keys or sorted(set(teacher[section]) | set(mine[section]))
+        differ += [f"{section}.{k} (teacher {teacher[section].get(k)!r}, config {mine[section].get(k)!r})"
+                   for k in names if k not in NOT_ARCHITECTURE and teacher[section].get(k) != mine[section].get(k)]
+    if differ:
+        raise ConfigError(f"--teacher {path}: its architecture differs from the config in {'; '.join(differ)}; "
+                          f"use the config the teacher was trained with")
+    if list(annotations.classes) != list(builder["classes"]):
+        raise ConfigError(f"--teacher {path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
+
+
 def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = None, out: str | Path | None = None,
-                        resume: bool = False, overwrite: bool = False, progress: bool = True) -> History:
-    """Progressive Block Drop of a trained detector, as configured in ``cfg.compress``."""
+                        resume: bool = False, overwrite: bool = False, progress: bool = True,
+                        skip_bad_media: bool = False, allow_config_change: bool = False) -> History:
+    """Progressive Block Drop of a trained detector, as configured in ``cfg.compress``.
+
+    The config, the teacher (its architecture and classes) and every media file are checked
+    before the run folder is touched."""
     check_experiment(cfg)
     teacher_path = Path(teacher or cfg.compress.teacher or "")
     if not teacher_path.is_file():
         raise ConfigError(f"--teacher {teacher_path}: no such file (give the model.safetensors of a trained "
                           "teacher, from `blockdrop train`)")
-    out, device, annotations = start_run(cfg, out, resume=resume, overwrite=overwrite)
+    out = Path(out or cfg.output)
+    device = dist.init_from_env()  # first: rank is only known once the process group is up
+    annotations = load_experiment_annotations(cfg.data)
+    teacher_model, builder = load_detector(teacher_path)
+    check_teacher(cfg, builder, annotations, teacher_path)
+    source = make_source(cfg.data, annotations)
+    annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
+    identity = {"teacher_sha256": dist.main_result(lambda: file_sha256(teacher_path)),
+                "skipped_media": sorted(skipped)}
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=COMPRESS_SECTIONS, identity=identity,
+                    allow_changes=allow_config_change) as run:
+        history = _compress(cfg, out, device, teacher_model.to(device), builder, annotations, source, resume,
+                            progress, run.commit)
+    return history
+
+
+def _compress(cfg: ExperimentConfig, out: Path, device, teacher_model, builder: dict, annotations, source,
+              resume: bool, progress: bool, commit) -> History:
     align_cfg = cfg.compress.alignment.train
     if align_cfg.threads or cfg.train.threads:
         torch.set_num_threads(align_cfg.threads or cfg.train.threads)
-    seed_everything(align_cfg.seed)
-    teacher_model, builder = load_detector(teacher_path)
-    teacher_model.to(device).eval().requires_grad_(False)
-    if list(annotations.classes) != list(builder["classes"]):
-        raise ConfigError(f"--teacher {teacher_path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
-    source = make_source(cfg.data, annotations)
+    teacher_model.eval().requires_grad_(False)
     parts = split_annotations(cfg.data, annotations, cfg.train.seed)
     stride = teacher_model.feature_stride
     selection_target, selection_loader = selection_setup(cfg, teacher_model, annotations, source)
@@ -91,14 +129,13 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     log = print if progress and dist.is_main() else (lambda _msg: None)
     setup = Setup(
         teacher=teacher_model, target=_target(cfg, train_ds), selection_target=selection_target,
-        train_data=train_loader,
-        selection_data=selection_loader,
+        train_data=train_loader, selection_data=selection_loader,
         validate=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
         metric=cfg.eval.best_epoch_metric,
         measure=lambda m: measure_detector(m, cfg, channels),
         save=lambda m, path: save_compressed(m, path, builder=builder),
         load=lambda path: load_detector(path)[0].to(device),
-        progress=progress, log=log)
+        progress=progress, log=log, on_checkpoint=lambda _: commit(), seed=align_cfg.seed)
     history = progressive_block_drop(setup, cfg.compress, out, resume=resume)
     if dist.is_main():
         log(f"report: {', '.join(str(p) for p in write_report(out))}")

@@ -21,11 +21,20 @@ Formats: ``pt2`` (torch.export; load with ``torch.export.load(path).module()``) 
 batch size asked for and the config's window. Every export is loaded back and run on a test
 window; outputs that differ from the eager model by more than ``tolerance`` are an error and
 nothing is written.
+
+Every file is written under its final name in a temporary folder next to ``out`` and moved into
+place after the check, so a file refers to its companions by the names they will have. An ONNX
+graph holds its weights (protobuf caps a file at 2 GB); a model too large for that keeps them in
+``<out>.data`` beside it. ``ExportResult.files`` lists everything written: ship those files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +42,14 @@ import torch
 from torch import nn
 
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import atomic_path, atomic_write_text
+from blockdrop.core.fileio import atomic_write_text
 from blockdrop.recipes.build import builder_config, example_window, load_detector
 
 FORMATS = ("pt2", "onnx")
 OUTPUT_NAMES = ("cls_logits", "offsets", "valid", "points")
+# Weights up to this size go inside the .onnx file (torch's own threshold, under protobuf's 2 GB
+# cap with room for the graph); larger ones go to <out>.data next to it.
+EMBED_LIMIT = 1.5 * 2**30
 
 
 class RawDetector(nn.Module):
@@ -57,7 +69,8 @@ class ExportResult:
     path: Path
     format: str
     max_abs_diff: float  # exported vs eager outputs on the check window
-    sidecar: Path
+    sidecar: Path  # <out>.json: classes, feature_stride, shapes
+    files: tuple[Path, ...]  # everything written: the graph, <out>.data when the weights are outside, the sidecar
 
 
 def _check_window(builder: dict, batch: int):
@@ -88,23 +101,45 @@ def _max_diff(expected, got) -> float:
     return worst
 
 
-def _export_pt2(raw: nn.Module, args: tuple, tmp: Path):
+def _export_pt2(raw: nn.Module, args: tuple, path: Path):
     program = torch.export.export(raw, args)
-    torch.export.save(program, tmp)
-    return torch.export.load(tmp).module()(*args)
+    torch.export.save(program, path)
+    return torch.export.load(path).module()(*args)
 
 
-def _export_onnx(raw: nn.Module, args: tuple, tmp: Path):
+def _export_onnx(raw: nn.Module, args: tuple, path: Path):
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's dynamo exporter imports it lazily)
     except ImportError as err:
         raise BlockdropError(f"--format onnx needs {err.name}: pip install 'blockdrop[export-onnx]'") from None
-    torch.onnx.export(raw, args, str(tmp), dynamo=True, input_names=["inputs", "mask"],
-                      output_names=list(OUTPUT_NAMES), verbose=False)
-    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    program = torch.onnx.export(raw, args, dynamo=True, input_names=["inputs", "mask"],
+                                output_names=list(OUTPUT_NAMES), verbose=False)
+    weights = sum(t.numel() * t.element_size() for t in raw.state_dict().values())
+    # external data is named after the file it is saved as: <path.name>.data, the final name here
+    program.save(path, external_data=weights > EMBED_LIMIT)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     return session.run(list(OUTPUT_NAMES), feeds)
+
+
+@contextlib.contextmanager
+def _staged_files(out: Path):
+    """Yield ``(folder, moved)``: write ``folder / out.name`` and any companion files there. When the
+    block succeeds each is moved next to ``out`` under its own name, companions before the main
+    file (so it never points at a missing one), and ``moved`` lists them; on failure nothing moves."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    moved: list[Path] = []
+    try:
+        yield folder, moved
+        for staged in sorted(folder.iterdir(), key=lambda p: (p.name == out.name, p.name)):
+            with open(staged, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staged, out.parent / staged.name)
+            moved.append(out.parent / staged.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2", batch: int = 1,
@@ -123,8 +158,8 @@ def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2"
     inputs, mask, cfg = _check_window(builder, batch)
     with torch.no_grad():
         expected = raw(inputs, mask)
-        with atomic_path(out, suffix=out.suffix or f".{fmt}") as tmp:
-            got = (_export_pt2 if fmt == "pt2" else _export_onnx)(raw, (inputs, mask), tmp)
+        with _staged_files(out) as (folder, written):
+            got = (_export_pt2 if fmt == "pt2" else _export_onnx)(raw, (inputs, mask), folder / out.name)
             diff = _max_diff(expected, got)
             if not diff <= tolerance:
                 raise BlockdropError(f"{out}: exported model differs from the eager one by {diff:.2e} "
@@ -136,5 +171,6 @@ def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2"
         "mask": {"shape": list(mask.shape), "dtype": "bool"}, "outputs": list(OUTPUT_NAMES),
         "feature_stride": float(model.feature_stride), "rate": None if cfg.data.rate is None else float(cfg.data.rate),
         "blocks": int(model.backbone.depth), "max_abs_diff": diff,
+        "files": [p.name for p in written],  # the export itself: the graph, and <out>.data if the weights are outside
     }, indent=2) + "\n")
-    return ExportResult(out, fmt, diff, sidecar)
+    return ExportResult(out, fmt, diff, sidecar, (*written, sidecar))

@@ -19,10 +19,10 @@ from blockdrop.core.fileio import write_json
 from blockdrop.core.schema import ExperimentConfig
 from blockdrop.core.training import check_schedule, fit, make_loader, seed_everything
 from blockdrop.data.dataset import collate_windows
-from blockdrop.recipes.build import (build_detector, check_experiment, data_fingerprint, detector_builder,
-                                     input_channels, make_dataset, make_source,
+from blockdrop.recipes.build import (build_detector, check_data, check_experiment, data_fingerprint, detector_builder,
+                                     input_channels, load_experiment_annotations, make_dataset, make_source,
                                      software_versions, split_annotations)
-from blockdrop.recipes.runs import MODEL_FILE, start_run
+from blockdrop.recipes.runs import MODEL_FILE, TRAIN_SECTIONS, run_folder
 from blockdrop.tad.inference import evaluate
 
 
@@ -45,14 +45,28 @@ def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
 
 
 def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, resume: bool = False,
-                     overwrite: bool = False, progress: bool = True) -> dict:
-    """Train a detector from ``cfg``; select the best epoch on the validation split."""
+                     overwrite: bool = False, progress: bool = True, skip_bad_media: bool = False,
+                     allow_config_change: bool = False) -> dict:
+    """Train a detector from ``cfg``; select the best epoch on the validation split.
+
+    Everything that can be checked is checked before the run folder is touched: the config
+    against the model, the data, every media file (``skip_bad_media`` leaves bad ones out)."""
     check_experiment(cfg)
-    out, device, annotations = start_run(cfg, out, resume=resume, overwrite=overwrite)
+    out = Path(out or cfg.output)
+    device = dist.init_from_env()  # first: rank is only known once the process group is up
+    annotations = load_experiment_annotations(cfg.data)
+    source = make_source(cfg.data, annotations)
+    annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=TRAIN_SECTIONS,
+                    identity={"skipped_media": sorted(skipped)}, allow_changes=allow_config_change) as run:
+        return _train(cfg, out, device, annotations, source, skipped, resume, progress, run.commit)
+
+
+def _train(cfg: ExperimentConfig, out: Path, device, annotations, source, skipped: dict, resume: bool,
+           progress: bool, commit) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    source = make_source(cfg.data, annotations)
     channels = input_channels(cfg.data, annotations, source)
     model = build_detector(cfg, len(annotations.classes), channels).to(device)
     parts = split_annotations(cfg.data, annotations, cfg.train.seed)
@@ -73,12 +87,12 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
     start = time.perf_counter()
     result = fit(model, detection_loss, loader, cfg.train, evaluate_fn=validate,
                  select_metric=cfg.eval.best_epoch_metric, param_groups=param_groups(model, cfg),
-                 out_dir=out, resume=resume, on_best=on_best, progress=progress)
+                 out_dir=out, resume=resume, on_best=on_best, progress=progress, on_checkpoint=lambda _: commit())
     summary = {"best_epoch": result.best_epoch, f"val_{cfg.eval.best_epoch_metric}": result.best_metric,
                "epochs": result.epochs_run, "wall_time_s": round(time.perf_counter() - start, 1),
                "blocks": model.backbone.depth, "model": str(out / MODEL_FILE),
                "threads": torch.get_num_threads(), "world_size": dist.world_size(),
-               "data": data_fingerprint(cfg.data, annotations, source),
+               "data": data_fingerprint(cfg.data, annotations, source), "skipped_media": skipped,
                "software": software_versions(cfg.data.kind == "video")}
     if dist.is_main():
         write_json(out / "summary.json", summary)

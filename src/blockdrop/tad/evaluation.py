@@ -1,16 +1,27 @@
-"""ActivityNet-standard temporal action detection mAP.
+"""Temporal action detection mAP, computed the way OpenTAD and ActionFormer compute it.
 
-Per class, predictions are sorted by score (descending; equal scores keep their order in the
-predictions file). Each prediction, in that order, is matched to the not yet matched
-ground-truth instance of the same video and class with the highest tIoU, if that tIoU is
->= the threshold (equal tIoU: the instance listed first in the annotation file); otherwise it
-is a false positive. AP is the VOC-style integral of the monotone precision envelope over the
-recall changes. mAP averages AP over the classes that have ground truth (a class without
-predictions has AP 0), then over tIoU thresholds. Values are returned in percent.
+The paper's numbers, OpenTAD's model zoo and ActionFormer's all come from one algorithm
+(OpenTAD ``opentad/evaluations/mAP.py``, after ActionFormer ``libs/utils/metrics.py``, itself
+adapted from ActivityNet's ``eval_detection.py``). By default ``detection_map`` reproduces it,
+ties included:
 
-Decisions (see docs/evaluation.md): predictions for videos outside the (subset of the)
-ground truth and predictions whose label no ground-truth instance has are ignored and counted
-in ``ignored_predictions``; duplicate ground-truth instances are kept as separate instances.
+1. Ground truth: the videos of the subset. Within a video, an instance shorter than 1 ms, or
+   one whose label matches and whose start and end lie within 1 ms of an instance kept before
+   it (file order), is removed (ActionFormer's ``remove_duplicate_annotations``).
+2. Classes: the labels of the remaining instances. Predictions with another label are ignored.
+3. Per class, predictions (file order) are ranked by ``np.argsort(scores)[::-1]``, numpy's
+   default, unstable sort reversed: equal scores come out in whatever order it gives.
+4. In that order, a prediction takes the first not yet matched instance of its video and class
+   in ``np.argsort(tious)[::-1]`` order (highest tIoU first, ties as that sort gives) whose
+   tIoU >= the threshold; otherwise, or when its video has no instance of the class (a video
+   without annotations, of another subset, or not in the file), it is a false positive.
+5. AP is the VOC-style integral of the monotone precision envelope over the recall changes;
+   mAP averages AP over the classes (a class without predictions has AP 0), then over the
+   thresholds. Values are returned in percent.
+
+Options keep the earlier behaviour: ``keep_duplicates`` skips step 1's removal and
+``ignore_unknown_videos`` leaves out predictions for videos outside the evaluated ground truth.
+See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from blockdrop.tad.segments import tiou
 
 THUMOS_TIOU = (0.3, 0.4, 0.5, 0.6, 0.7)
 ACTIVITYNET_TIOU = tuple(round(0.5 + 0.05 * i, 10) for i in range(10))
+DUPLICATE_TOLERANCE = 1e-3  # seconds: ActionFormer's remove_duplicate_annotations(tol=1e-3)
 
 
 def detection_map(
@@ -36,12 +48,15 @@ def detection_map(
     tiou_thresholds: Sequence[float] = THUMOS_TIOU,
     *,
     subset: str | None = None,
+    keep_duplicates: bool = False,
+    ignore_unknown_videos: bool = False,
 ) -> dict:
     """mAP of ``predictions`` against ``ground_truth`` (dicts or JSON paths), in percent.
 
     Returns ``{"mAP@<t>": ..., "average_mAP": ..., "per_class": {label: {t: ap}},
-    "tiou_thresholds": [...], "num_videos", "num_classes", "num_ground_truth",
-    "num_predictions" (used), "ignored_predictions": {"unknown_video": n, "unknown_label": m}}``.
+    "tiou_thresholds": [...], "num_videos", "num_classes", "num_ground_truth" (evaluated),
+    "removed_duplicates", "removed_short", "num_predictions" (scored), "outside_predictions",
+    "ignored_predictions": {"unknown_video": n, "unknown_label": m}}`` (docs/evaluation.md).
     """
     thresholds = _check_thresholds(tiou_thresholds)
     gt_name, gt_doc = _read_json(ground_truth, "ground truth", AnnotationError)
@@ -49,36 +64,49 @@ def detection_map(
     pred_name, pred_doc = _read_json(predictions, "predictions", DataError)
     preds = _parse_predictions(pred_doc, pred_name)
 
-    # Integer codes; -1 marks a prediction's video or label that the ground truth lacks.
+    # Integer codes: videos outside the ground truth get codes >= len(videos).
     video_index = {v: i for i, v in enumerate(videos)}
+    preds["code"] = np.array([video_index.setdefault(v, len(video_index)) for v in preds["video"]], np.int64)
+    gt["code"] = np.array([video_index[v] for v in gt["video"]], dtype=np.int64)
+    short, duplicate = np.zeros((2, len(gt["code"])), dtype=bool)
+    if not keep_duplicates:
+        short, duplicate = reference_removals(gt["code"], np.asarray(gt["label"]), gt["segment"])
+        gt = _kept_ground_truth(gt, ~(short | duplicate), gt_name, subset)
     classes = sorted(set(gt["label"]))
     class_index = {c: i for i, c in enumerate(classes)}
-    gt_video = np.array([video_index[v] for v in gt["video"]], dtype=np.int64)  # (G,)
-    gt_class = np.array([class_index[c] for c in gt["label"]], dtype=np.int64)  # (G,)
-    pred_video = np.array([video_index.get(v, -1) for v in preds["video"]], dtype=np.int64)  # (P,)
-    pred_class = np.array([class_index.get(c, -1) for c in preds["label"]], dtype=np.int64)  # (P,)
-    used = (pred_video >= 0) & (pred_class >= 0)
+    gt["class"] = np.array([class_index[c] for c in gt["label"]], dtype=np.int64)
+    preds["class"] = np.array([class_index.get(c, -1) for c in preds["label"]], dtype=np.int64)  # -1: unknown
 
-    per_class = {}
-    for k, label in enumerate(classes):
-        g, p = gt_class == k, used & (pred_class == k)
-        ap = class_average_precision(
-            gt_video[g], gt["segment"][g], pred_video[p], preds["segment"][p], preds["score"][p], thresholds
-        )  # (T,)
-        per_class[label] = {t: 100.0 * float(a) for t, a in zip(thresholds, ap)}
-
-    result = _mean_over_classes(per_class, thresholds)
+    outside = preds["code"] >= len(videos)
+    skipped = outside & ignore_unknown_videos
+    scored = (preds["class"] >= 0) & ~skipped
+    result = _mean_over_classes(_per_class_ap(classes, gt, preds, scored, thresholds), thresholds)
     result.update(
         num_videos=len(videos),
         num_classes=len(classes),
-        num_ground_truth=len(gt_class),
-        num_predictions=int(used.sum()),
+        num_ground_truth=len(gt["class"]),
+        removed_duplicates=int(duplicate.sum()),
+        removed_short=int(short.sum()),
+        num_predictions=int(scored.sum()),
+        outside_predictions=int(outside.sum()),
         ignored_predictions={
-            "unknown_video": int((pred_video < 0).sum()),
-            "unknown_label": int(((pred_video >= 0) & (pred_class < 0)).sum()),
+            "unknown_video": int(skipped.sum()),
+            "unknown_label": int((~skipped & (preds["class"] < 0)).sum()),
         },
     )
     return result
+
+
+def _per_class_ap(classes: list[str], gt: dict, preds: dict, scored: np.ndarray, thresholds) -> dict:
+    """{label: {threshold: AP in percent}} from the coded columns; only ``scored`` predictions count."""
+    per_class = {}
+    for k, label in enumerate(classes):
+        g, p = gt["class"] == k, scored & (preds["class"] == k)  # both keep file order
+        ap = class_average_precision(
+            gt["code"][g], gt["segment"][g], preds["code"][p], preds["segment"][p], preds["score"][p], thresholds
+        )  # (T,)
+        per_class[label] = {t: 100.0 * float(a) for t, a in zip(thresholds, ap)}
+    return per_class
 
 
 def _mean_over_classes(per_class: dict, thresholds: tuple[float, ...]) -> dict:
@@ -86,6 +114,61 @@ def _mean_over_classes(per_class: dict, thresholds: tuple[float, ...]) -> dict:
     result["average_mAP"] = float(np.mean([result[f"mAP@{t:g}"] for t in thresholds]))
     result.update(per_class=per_class, tiou_thresholds=list(thresholds))
     return result
+
+
+# ---------------------------------------------------------------- duplicate ground truth
+
+
+def reference_removals(video, label, segments, tol: float = DUPLICATE_TOLERANCE):
+    """The instances ActionFormer's ``remove_duplicate_annotations`` drops: (short (G,), duplicate (G,)).
+
+    short: end - start < tol. duplicate: not short, and an earlier instance (file order) of the same
+    video and label that was kept has start and end within tol of its own. video (G,) int codes,
+    label (G,), segments (G, 2).
+    """
+    segments = np.asarray(segments, dtype=np.float64)
+    short = segments[:, 1] - segments[:, 0] < tol
+    duplicate = np.zeros(len(short), dtype=bool)
+    _, label_code = np.unique(label, return_inverse=True)
+    group = np.asarray(video, dtype=np.int64) * (int(label_code.max(initial=0)) + 1) + label_code
+    order = np.lexsort((segments[:, 0], group))  # by group, then start
+    g, start = group[order], segments[order, 0]
+    # Two starts within tol imply two neighbours (in this order) within tol: only those groups can
+    # hold a duplicate, and only they need the pairwise, in-order rule.
+    near = (g[1:] == g[:-1]) & (start[1:] - start[:-1] <= tol)
+    bounds = np.flatnonzero(g[1:] != g[:-1]) + 1  # where each group after the first begins
+    begin, end = np.r_[0, bounds], np.r_[bounds, len(g)]
+    for j in np.unique(np.searchsorted(bounds, np.flatnonzero(near), side="right")):
+        rows = np.sort(order[begin[j] : end[j]])  # the group in file order
+        duplicate[rows] = _in_order_duplicates(segments[rows], short[rows], tol)
+    return short, duplicate
+
+
+def _in_order_duplicates(segments: np.ndarray, short: np.ndarray, tol: float) -> np.ndarray:
+    """One video and label, in file order: (n,) bool, a duplicate of an instance kept before it."""
+    close = (np.abs(segments[:, None, 0] - segments[None, :, 0]) <= tol) & (
+        np.abs(segments[:, None, 1] - segments[None, :, 1]) <= tol
+    )  # (n, n)
+    kept = np.zeros(len(short), dtype=bool)
+    for i in range(len(short)):
+        kept[i] = not short[i] and not (close[i, :i] & kept[:i]).any()
+    return ~kept & ~short
+
+
+def _kept_ground_truth(gt: dict, keep: np.ndarray, name: str, subset: str | None) -> dict:
+    """The ground-truth columns of the kept instances; an error if none is left."""
+    if not keep.any():
+        scope = f"subset {subset!r}" if subset is not None else "the file"
+        raise AnnotationError(
+            f"{name}: all {len(keep)} ground-truth instances in {scope} are duplicates or shorter than "
+            f"{DUPLICATE_TOLERANCE:g} s (keep_duplicates=True / --keep-duplicates keeps them)"
+        )
+    rows = np.flatnonzero(keep)
+    return {key: column[keep] if isinstance(column, np.ndarray) else [column[i] for i in rows]
+            for key, column in gt.items()}
+
+
+# ---------------------------------------------------------------- matching and AP
 
 
 def class_average_precision(gt_video, gt_segments, pred_video, pred_segments, pred_scores, thresholds):
@@ -97,7 +180,7 @@ def class_average_precision(gt_video, gt_segments, pred_video, pred_segments, pr
     num_gt, num_pred = len(gt_video), len(pred_video)
     if num_gt == 0 or num_pred == 0:
         return np.zeros(len(thresholds))
-    order = np.argsort(-np.asarray(pred_scores, dtype=np.float64), kind="stable")  # ties: input order
+    order = descending(np.asarray(pred_scores, dtype=np.float64))  # ties: as OpenTAD/ActionFormer
     pred_video, pred_segments = np.asarray(pred_video)[order], np.asarray(pred_segments, np.float64)[order]
     gt_segments = np.asarray(gt_segments, dtype=np.float64)
 
@@ -114,6 +197,12 @@ def class_average_precision(gt_video, gt_segments, pred_video, pred_segments, pr
     return interpolated_ap(precision, recall)
 
 
+def descending(values: np.ndarray) -> np.ndarray:
+    """Indices that sort the last axis from high to low exactly as OpenTAD and ActionFormer do:
+    ``argsort()[::-1]``, numpy's default (unstable) sort reversed, so ties take its order."""
+    return np.argsort(values, axis=-1)[..., ::-1]
+
+
 def _rows_by_video(video: np.ndarray) -> dict[int, np.ndarray]:
     """Row indices of each video id, each list in ascending row order."""
     order = np.argsort(video, kind="stable")
@@ -124,19 +213,21 @@ def _rows_by_video(video: np.ndarray) -> dict[int, np.ndarray]:
 def greedy_match(tiou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """ActivityNet matching in one video: (P, G) tIoU, rows in score order -> (T, P) bool TP.
 
-    Each prediction takes the unmatched instance with the highest tIoU >= threshold
-    (first instance on equal tIoU); the thresholds are matched independently.
+    Each prediction takes the first unmatched instance with tIoU >= threshold in its
+    ``descending(tiou)`` order: the highest tIoU, equal tIoU in the order that sort gives (as
+    OpenTAD and ActionFormer). The thresholds are matched independently.
     """
     eligible = tiou[None] >= thresholds[:, None, None]  # (T, P, G)
+    preference = descending(tiou)  # (P, G): each prediction's instances, best first
     matched = np.zeros((len(thresholds), tiou.shape[1]), dtype=bool)  # (T, G)
     is_tp = np.zeros((len(thresholds), tiou.shape[0]), dtype=bool)  # (T, P)
     rows = np.arange(len(thresholds))
     for p in np.flatnonzero(eligible.any(axis=(0, 2))):  # the others are FP at every threshold
-        candidates = np.where(eligible[:, p] & ~matched, tiou[p][None], -1.0)  # (T, G)
-        best = candidates.argmax(axis=1)  # (T,)
-        hit = candidates[rows, best] >= 0
+        free = (eligible[:, p] & ~matched)[:, preference[p]]  # (T, G), columns best first
+        first = free.argmax(axis=1)  # (T,)
+        hit = free[rows, first]
         is_tp[hit, p] = True
-        matched[rows[hit], best[hit]] = True
+        matched[rows[hit], preference[p][first[hit]]] = True
     return is_tp
 
 
@@ -171,20 +262,24 @@ def parse_tiou(text: str, flag: str = "--tiou") -> tuple[float, ...]:
 
 
 def format_map_table(result: Mapping) -> str:
-    """A small text table of a ``detection_map`` result."""
+    """A small text table of a ``detection_map`` result, with what was removed, ignored or outside."""
     lines = ["tIoU    mAP (%)"]
     lines += [f"{t:<7.2f} {result[f'mAP@{t:g}']:7.2f}" for t in result["tiou_thresholds"]]
     lines.append(f"{'average':<7} {result['average_mAP']:7.2f}")
-    ignored = result["ignored_predictions"]
     lines.append(
         f"{result['num_videos']} videos, {result['num_classes']} classes, "
-        f"{result['num_ground_truth']} ground-truth instances, {result['num_predictions']} predictions used"
+        f"{result['num_ground_truth']} ground-truth instances, {result['num_predictions']} predictions scored"
     )
-    if ignored["unknown_video"] or ignored["unknown_label"]:
-        lines.append(
-            f"ignored predictions: {ignored['unknown_video']} for videos not in the ground truth, "
-            f"{ignored['unknown_label']} with labels not in the ground truth"
-        )
+    duplicates, short = result.get("removed_duplicates", 0), result.get("removed_short", 0)
+    if duplicates or short:
+        lines.append(f"removed ground truth: {duplicates} duplicates, {short} shorter than {DUPLICATE_TOLERANCE:g} s")
+    ignored = result["ignored_predictions"]
+    outside = result.get("outside_predictions", ignored["unknown_video"])
+    if outside:
+        fate = "ignored" if ignored["unknown_video"] else "scored as false positives"
+        lines.append(f"{outside} predictions for videos not in the evaluated ground truth: {fate}")
+    if ignored["unknown_label"]:
+        lines.append(f"{ignored['unknown_label']} predictions with labels not in the ground truth: ignored")
     return "\n".join(lines)
 
 

@@ -99,55 +99,74 @@ def soft_nms(segments, scores, labels, *, sigma: float = 0.7, min_score: float =
         raise ValueError("soft_nms: need sigma > 0, 0 <= voting_threshold <= 1, max_segments >= 1")
     group = torch.zeros_like(labels) if class_agnostic else labels
     candidate = scores > min_score  # (N,)
-    # Classes never decay each other, so each runs alone on its own candidates; merging the
+    # Classes never decay each other, so all classes run side by side, one row each; merging the
     # per-class picks by kept score (non-increasing within a class) gives the global order.
-    seg_np, score_np, group_np = segments.cpu().numpy(), scores.cpu().numpy(), group.cpu().numpy()
-    picks = []  # (kept score, index into the inputs)
-    for g in np.unique(group_np[candidate.cpu().numpy()]):
-        idx = np.flatnonzero(candidate.cpu().numpy() & (group_np == g))
-        picks += [(kept, int(idx[i])) for kept, i in
-                  _soft_nms_group(seg_np[idx], score_np[idx], sigma, min_score, max_segments)]
+    cand = candidate.cpu().numpy()
+    picks = _soft_nms_rows(segments.cpu().numpy()[cand], scores.cpu().numpy()[cand], group.cpu().numpy()[cand],
+                           np.flatnonzero(cand), sigma, min_score, max_segments)
     picks.sort(key=lambda p: (-p[0], p[1]))
     picks = picks[:max_segments]
-    keep = [torch.tensor(i, device=scores.device) for _, i in picks]
-    kept_scores = [torch.tensor(k, dtype=scores.dtype, device=scores.device) for k, _ in picks]
-    if not keep:
+    if not picks:
         return segments[:0], scores[:0], labels[:0]
-    keep = torch.stack(keep)
+    keep = torch.tensor([i for _, i in picks], device=scores.device)
+    kept_scores = torch.tensor([k for k, _ in picks], dtype=scores.dtype, device=scores.device)
     kept_segments = segments[keep]
     if voting_threshold > 0:
         kept_segments = _vote(kept_segments, group[keep], segments[candidate], scores[candidate],
                               group[candidate], voting_threshold)
-    return kept_segments, torch.stack(kept_scores), labels[keep]
+    return kept_segments, kept_scores, labels[keep]
 
 
-def _soft_nms_group(segments: np.ndarray, scores: np.ndarray, sigma: float, min_score: float,
-                    max_segments: int) -> list[tuple[float, int]]:
-    """Gaussian soft-NMS among one class's candidates -> [(kept score, local index)] in pick order.
+def _soft_nms_rows(segments: np.ndarray, scores: np.ndarray, groups: np.ndarray, index: np.ndarray,
+                   sigma: float, min_score: float, max_segments: int) -> list[tuple[float, int]]:
+    """Gaussian soft-NMS of every group at once -> [(kept score, input index)], each group's in pick order.
 
-    Dead candidates are compacted away as they accumulate, so late picks touch few elements."""
-    index = np.arange(len(scores))
-    current = segments.copy()  # (n, 2): the candidates still compacted in
-    decayed = scores.copy()
-    alive = np.ones(len(scores), dtype=bool)
-    picks = []
-    while len(picks) < max_segments and alive.any():
-        best = int(np.argmax(np.where(alive, decayed, -np.inf)))  # first index on ties
-        picks.append((float(decayed[best]), int(index[best])))
-        alive[best] = False
-        iou = tiou(current[best:best + 1], current)[0]  # (n,)
-        decayed = decayed * np.exp(-np.square(iou) / sigma)
-        alive &= decayed > min_score
-        if 2 * np.count_nonzero(alive) < len(alive):
-            index, current, decayed, alive = (a[alive] for a in (index, current, decayed, alive))
-    return picks
+    Row g of the (G, M) matrices holds group g's candidates in input order (padding is never alive),
+    so every pick, decay and kill is the same elementwise arithmetic as running each group alone;
+    one Python iteration serves all groups."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    if not len(ids):
+        return []
+    rows = [np.flatnonzero(inverse == g) for g in range(len(ids))]  # ascending: input order
+    width = max(len(r) for r in rows)
+    starts, ends = np.zeros((len(rows), width), segments.dtype), np.zeros((len(rows), width), segments.dtype)
+    decayed = np.zeros((len(rows), width), scores.dtype)
+    alive = np.zeros((len(rows), width), dtype=bool)
+    where = np.zeros((len(rows), width), dtype=np.int64)
+    for g, r in enumerate(rows):
+        starts[g, :len(r)], ends[g, :len(r)], decayed[g, :len(r)] = segments[r, 0], segments[r, 1], scores[r]
+        alive[g, :len(r)], where[g, :len(r)] = True, index[r]
+    picks, count = [], np.zeros(len(rows), dtype=np.int64)
+    while True:
+        active = np.flatnonzero(alive.any(axis=1) & (count < max_segments))  # (A,)
+        if not len(active):
+            return picks
+        best = np.argmax(np.where(alive[active], decayed[active], -np.inf), axis=1)  # first index on ties
+        picks += [(float(decayed[g, b]), int(where[g, b])) for g, b in zip(active.tolist(), best.tolist())]
+        count[active] += 1
+        alive[active, best] = False
+        s, e = starts[active], ends[active]  # (A, M)
+        sb, eb = s[np.arange(len(active)), best][:, None], e[np.arange(len(active)), best][:, None]
+        inter = np.clip(np.minimum(eb, e) - np.maximum(sb, s), 0, None)
+        union = (eb - sb) + (e - s) - inter  # the same sums as tiou(best, row)
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        decayed[active] = decayed[active] * np.exp(-np.square(iou) / sigma)
+        alive[active] &= decayed[active] > min_score
+        columns = alive.any(axis=0)  # columns dead in every row are dropped: late picks touch few elements
+        if 2 * np.count_nonzero(columns) < len(columns):
+            starts, ends, decayed, alive, where = (a[:, columns] for a in (starts, ends, decayed, alive, where))
 
 
 def _vote(kept, kept_group, segments, scores, group, threshold: float) -> torch.Tensor:
-    """kept (K, 2) -> (K, 2): weighted average of same-group candidates (N, 2) with IoU >= threshold."""
-    iou = tiou(kept, segments) * (kept_group[:, None] == group[None, :])  # (K, N)
-    weights = (iou >= threshold) * iou * scores[None, :]  # each kept segment votes for itself (IoU 1)
-    return (weights @ segments) / weights.sum(dim=1, keepdim=True)
+    """kept (K, 2) -> (K, 2): weighted average of same-group candidates (N, 2) with IoU >= threshold,
+    computed per group (the other groups' candidates would only add zero weights)."""
+    voted = torch.empty_like(kept)
+    for g in torch.unique(kept_group).tolist():
+        rows, cols = kept_group == g, group == g
+        iou = tiou(kept[rows], segments[cols])  # (K_g, N_g)
+        weights = (iou >= threshold) * iou * scores[cols][None, :]  # each kept segment votes for itself (IoU 1)
+        voted[rows] = (weights @ segments[cols]) / weights.sum(dim=1, keepdim=True)
+    return voted
 
 
 def postprocess_video(window_detections: Sequence, *, rate: float, duration: float,

@@ -12,6 +12,7 @@ dataset, through the same window inference and post-processing as `blockdrop eva
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,9 @@ class DetectorTarget:
         return model.backbone.embed(batch["inputs"])  # (tokens (B', N, C), ctx)
 
     def call_block(self, block, tokens, ctx):
-        return block(tokens)
+        # a clip backbone's ctx carries the window layout its AdaTAD adapters need (models/adapters.py)
+        layout = getattr(ctx, "layout", None)
+        return block(tokens) if layout is None else block(tokens, layout)
 
     def finish(self, model, tokens, ctx, batch):
         features = model.backbone.pool(tokens, ctx)  # (B, C, T_feat)
@@ -100,7 +103,13 @@ class DetectorTarget:
         return window_detections(model, output, batch, self.eval_cfg)
 
     def score(self, predictions: list) -> dict:
-        metrics = score_windows(predictions, self.dataset.annotations, self.dataset.rate, self.eval_cfg)
+        """mAP against the videos the predictions cover (all of them for a full pass; the ones seen
+        so far in a round of successive halving)."""
+        annotations = self.dataset.annotations
+        seen = {p[0] for p in predictions}
+        if seen != set(annotations.videos):
+            annotations = replace(annotations, videos={v: i for v, i in annotations.videos.items() if v in seen})
+        metrics = score_windows(predictions, annotations, self.dataset.rate, self.eval_cfg)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def head_outputs(self, model, output, batch) -> dict:

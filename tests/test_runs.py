@@ -1,0 +1,160 @@
+"""Run folders: the lock, a resume that checks what it resumes, an --overwrite that never loses
+the previous run, failed starts that leave nothing behind, and temporary files cleaned up."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockdrop.cli import main
+from blockdrop.core.config import load_config
+from blockdrop.core.errors import RunFolderError
+from blockdrop.core.schema import ExperimentConfig
+from blockdrop.recipes.runs import RunFolder, config_changes, holds_a_run
+from blockdrop.recipes.train import train_experiment
+
+from conftest import tiny_config
+
+torch.set_num_threads(1)
+
+
+def digest(folder: Path) -> dict:
+    """Every file of a folder, by content: the test's "exactly as it was"."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def trained(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    cfg = load_config(ExperimentConfig, config)
+    train_experiment(cfg, progress=False)
+    return config, tmp_path / "run"
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=1)
+    code = "\n".join([
+        "import pathlib, time",
+        "from blockdrop.recipes.runs import RunFolder",
+        f"folder = RunFolder(pathlib.Path({str(tmp_path / 'run')!r}), resume=False, overwrite=False, sections=())",
+        "folder._take_lock()",
+        "print('locked', flush=True)",
+        "time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", str(config), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by pid {holder.pid} on" in err[0] and "choose another --out" in err[0]
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lock file is stale and the next run takes it over
+    assert (tmp_path / ".run.lock").exists()
+    assert main(["train", str(config), "--quiet"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(trained, capsys):
+    config, run = trained
+    before = digest(run)
+    assert main(["train", str(config), "--resume", "--set", "train.lr=0.5", "--set", "backbone.heads=1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "backbone.heads (2 -> 1)" in err and "train.lr (0.001 -> 0.5)" in err and "--allow-config-change" in err
+    assert digest(run) == before  # config.yaml not rewritten, nothing touched
+    # a stopping rule or a path may change; an allowed change keeps the old config beside the new
+    assert not config_changes({"compress": {"stopping": {"max_blocks": 1}}, "output": "a"},
+                              {"compress": {"stopping": {"max_blocks": 3}}, "output": "b"}, ("compress", "output"))
+    assert main(["train", str(config), "--resume", "--set", "train.epochs=2", "--allow-config-change",
+                 "--quiet"]) == 0
+    assert (run / "config.before-resume-1.yaml").exists()
+    assert "epochs: 2" in (run / "config.yaml").read_text()
+
+
+def test_resume_refuses_another_teacher(tmp_path):
+    folder = RunFolder(tmp_path / "c", resume=False, overwrite=False, sections=("compress",),
+                       identity={"teacher_sha256": "aaa"})
+    cfg = load_config(ExperimentConfig, tiny_config(tmp_path))
+    folder.open(cfg)
+    (tmp_path / "c" / "history.json").write_text("{}")  # the run has state
+    folder.close(failed=False)
+    again = RunFolder(tmp_path / "c", resume=True, overwrite=False, sections=("compress",),
+                      identity={"teacher_sha256": "bbb"})
+    with pytest.raises(RunFolderError, match=r"teacher_sha256 \(aaa -> bbb\)"):
+        again.open(cfg)
+    again.close(failed=True)
+    assert (tmp_path / "c" / "history.json").exists()
+
+
+def test_a_failed_overwrite_leaves_the_previous_run_exactly_as_it_was(trained, capsys):
+    config, run = trained
+    before = digest(run)
+    # the new run fails after the folder was prepared (a diverging loss in epoch 1, before any state)
+    assert main(["train", str(config), "--overwrite", "--set", "train.lr=1e30", "--set", "train.grad_clip=0",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "went non-finite at epoch 1, step" in err[0], err
+    assert digest(run) == before
+    assert not list(run.parent.glob(".run.previous*"))
+
+
+def test_an_overwrite_killed_before_its_first_state_is_undone_at_the_next_start(trained):
+    config, run = trained
+    before = digest(run)
+    code = textwrap.dedent(f"""
+        import os, signal
+        import blockdrop.core.training as training
+        real = training.fit
+        def fit(*args, **kwargs):  # the kill lands before the first epoch's state is saved
+            os.kill(os.getpid(), signal.SIGKILL)
+        training.fit = fit
+        import blockdrop.recipes.train as recipe
+        recipe.fit = fit
+        from blockdrop.cli import main
+        main(["train", {str(config)!r}, "--overwrite", "--quiet"])
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    assert (run.parent / ".run.previous").exists() and digest(run.parent / ".run.previous") == before
+    # the next start of any kind puts the previous run back first
+    assert main(["train", str(config), "--resume", "--quiet"]) == 0
+    assert not (run.parent / ".run.previous").exists()
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_failed_start_leaves_no_folder_that_blocks_a_plain_rerun(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    assert main(["train", str(config), "--set", "train.lr=1e30", "--set", "train.grad_clip=0", "--quiet"]) == 2
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("left by a start that was killed\n")
+    assert not holds_a_run(tmp_path / "run")
+    assert main(["train", str(config), "--quiet"]) == 0  # reused: it held no run
+
+
+def test_leftover_temporary_files_are_removed_at_the_next_start(trained):
+    config, run = trained
+    for name in (".model.safetensors.abc123.tmp", "align_best.pt.tmp", ".metrics.jsonl.x.tmp"):
+        (run / name).write_bytes(b"half")
+    (run / "step_01").mkdir()
+    (run / "step_01" / ".model.safetensors.zz.tmp").write_bytes(b"half")
+    assert main(["train", str(config), "--resume", "--quiet"]) == 0
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_outputs_are_written_with_ordinary_permissions(trained):
+    _, run = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in run.iterdir():
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
