@@ -247,3 +247,23 @@ def test_a_step_that_training_makes_worse_keeps_the_unaligned_student():
     with torch.no_grad():  # LoRA B = 0 at epoch 0: the merged student is the unaligned one
         torch.testing.assert_close(student(**data[0]).last_hidden_state, unaligned(**data[0]).last_hidden_state,
                                    rtol=0, atol=1e-6)
+
+
+def test_the_default_validation_cosine_of_a_blockdrop_vit_runs_over_channels():
+    """A blockdrop ViT pools to (B, C, T): its cosine must compare channel vectors, per step."""
+    from blockdrop.compress.target import output_cosine
+    from blockdrop.models.vit import dinov2_vit
+
+    torch.manual_seed(0)
+    teacher = dinov2_vit("S", 14, img_size=28, depth=2).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    images = [torch.randn(4, 3, 28, 28)]
+    target = FeatureTarget(teacher)
+    measured = output_cosine(target, teacher, images)(student)["cosine"]
+    with torch.no_grad():
+        a, b = teacher(images[0])[..., 0], student(images[0])[..., 0]  # (B, C): one frame each
+    assert measured == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()), abs=1e-6)
+    assert output_cosine(target, teacher, images)(teacher)["cosine"] == pytest.approx(1.0)

@@ -78,7 +78,9 @@ def progressive_block_drop(setup: Setup, cfg: CompressConfig, out: Path, *, resu
     student = setup.load(out / _step_name(history.steps[-1].step) / MODEL_FILE) if history.steps else setup.teacher
     while (reason := strategy.done(history) or _first(rule.before(history) for rule in rules)) is None:
         step = len(history.steps) + 1
-        setup.log(f"step {step}: selecting among {len(history.kept_blocks)} blocks ({cfg.selection.evaluator})")
+        recorded = (out / _step_name(step) / "selection.json").exists()
+        setup.log(f"step {step}: " + ("resuming with the recorded selection" if recorded else
+                                      f"selecting among {len(history.kept_blocks)} blocks ({cfg.selection.evaluator})"))
         merged, record = run_step(setup, cfg, strategy, student, history, step, out / _step_name(step), resume)
         rejection = _first(rule.reject(history, record) for rule in rules)
         if rejection:

@@ -180,7 +180,7 @@ class FeatureTarget:
     between student and teacher outputs). Defaults fit three families; pass ``embed`` /
     ``finish`` / ``call_block`` for anything else:
 
-    - blockdrop ViTs (`embed` / `pool` methods): output = the pooled features;
+    - blockdrop ViTs (`embed` / `pool` methods): output = the pooled features, compared as (B, T, C);
     - timm-style ViTs (`patch_embed`, `_pos_embed`, `blocks`, `norm`): output = `forward_features`;
     - transformers encoders (`embeddings`, `encoder.layer`): a batch is the model's keyword inputs
       (e.g. `input_ids` + `attention_mask`, or `pixel_values`); the padding mask reaches every
@@ -211,7 +211,9 @@ class FeatureTarget:
                                  f"is not a blockdrop, timm-style or transformers-style model; pass embed= "
                                  f"and finish= (what runs before the first block and after the last)")
         self._call_block = call_block or (_transformers_block if style == "transformers" else None)
-        self._output = output or (lambda out: out)
+        # what the output term and the validation cosine compare, channels last: a blockdrop ViT
+        # pools to (B, C, T), whose cosine must run over C, not over time
+        self._output = output or ((lambda out: out.transpose(1, 2)) if style == "blockdrop" else (lambda out: out))
         self._score = score
         if score is not None:  # only then is the target Scored
             self.predict, self.score = self._predict, self._score_all
@@ -255,7 +257,8 @@ def _transformers_block(block, tokens, ctx):
 
 
 def output_cosine(target: FeatureTarget, teacher: nn.Module, data) -> Callable[[nn.Module], dict]:
-    """A validation function: mean cosine similarity (over the last dim, per token or per sample)
+    """A validation function: mean cosine similarity (over the channels: the last dim of
+    ``target.features``, per token or per sample)
     of a model's output to the teacher's on ``data`` (batches). The teacher's outputs are computed
     once, on first use."""
     cache: list = []

