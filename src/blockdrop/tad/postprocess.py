@@ -159,13 +159,14 @@ def _soft_nms_rows(segments: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 
 def _vote(kept, kept_group, segments, scores, group, threshold: float) -> torch.Tensor:
     """kept (K, 2) -> (K, 2): weighted average of same-group candidates (N, 2) with IoU >= threshold,
-    computed per group (the other groups' candidates would only add zero weights)."""
+    computed per group (the other groups' candidates would only add zero weights). The sums run in
+    float64, so the result does not depend on how the candidates are grouped or ordered."""
     voted = torch.empty_like(kept)
     for g in torch.unique(kept_group).tolist():
         rows, cols = kept_group == g, group == g
         iou = tiou(kept[rows], segments[cols])  # (K_g, N_g)
-        weights = (iou >= threshold) * iou * scores[cols][None, :]  # each kept segment votes for itself (IoU 1)
-        voted[rows] = (weights @ segments[cols]) / weights.sum(dim=1, keepdim=True)
+        weights = ((iou >= threshold) * iou * scores[cols][None, :]).double()  # each kept segment votes for itself
+        voted[rows] = ((weights @ segments[cols].double()) / weights.sum(dim=1, keepdim=True)).to(kept.dtype)
     return voted
 
 
