@@ -63,10 +63,14 @@ def one_step(cfg, model_path: Path, halving: Halving, metric: str) -> dict:
     _, subset_loader = selection_setup(replace(cfg, compress=replace(cfg.compress, selection=replace(
         cfg.compress.selection, videos=8))), model)
     subset = list(subset_loader)
+    _, shuffled_loader = selection_setup(replace(cfg, compress=replace(cfg.compress, selection=replace(
+        cfg.compress.selection, videos=None, search="halving"))), model)  # the same windows, in the seeded order
+    shuffled = list(shuffled_loader)
     runs = {}
-    for name, kwargs in (("naive", {"naive": True}), ("shared_prefix", {}), ("halving", {"halving": halving})):
-        runs[name], seconds = timed(lambda kw=kwargs: select_block(model, target, batches, evaluator="map",
-                                                                    metric=metric, **kw))
+    for name, data, kwargs in (("naive", batches, {"naive": True}), ("shared_prefix", batches, {}),
+                               ("halving", shuffled, {"halving": halving})):
+        runs[name], seconds = timed(lambda d=data, kw=kwargs: select_block(model, target, d, evaluator="map",
+                                                                            metric=metric, **kw))
         runs[name] = {"result": runs[name], "wall_s": seconds}
     full = runs["naive"]["result"]
     cheap = {"halving": runs["halving"]["result"],
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=None, help="default: the run's config compress.teacher")
     parser.add_argument("--name", default="selection_cost", help="results file name under benchmarks/results/")
     parser.add_argument("--section", default=None, help="section of the results file (default: the config name)")
-    parser.add_argument("--first", type=int, default=2, help="successive halving: batches of the first round")
+    parser.add_argument("--first", type=int, default=8, help="successive halving: batches of the first round")
     parser.add_argument("--keep", type=float, default=0.5, help="successive halving: fraction kept per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[])

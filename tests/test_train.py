@@ -176,3 +176,25 @@ def test_a_damaged_resume_state_is_one_clear_error(tmp_path, damage):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CheckpointError, match=r"train_state.pt: cannot resume from it .*--overwrite"):
         _run(3, out_dir=tmp_path, resume=True)
+
+
+def test_patience_stops_after_that_many_epochs_without_a_better_score_and_a_resume_agrees(tmp_path):
+    x, y = _toy()
+    cfg = TrainConfig(epochs=10, warmup_epochs=0, ema_decay=0.0, patience=2)
+
+    def run(scores, out_dir=None, resume=False):
+        seed_everything(0)
+        it = iter(scores)
+        return fit(nn.Linear(4, 1), _loss, _loader(x, y), cfg, evaluate_fn=lambda m: {"average_mAP": next(it)},
+                   out_dir=out_dir, resume=resume, progress=False)
+
+    result = run([1.0, 3.0, 2.0, 2.5, 9.0, 9.0])  # best at epoch 2; epochs 3, 4 are no better: stop
+    assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 2
+    assert len(result.history) == 4
+    assert not run([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]).stopped_early
+    # a resumed run that had reached the plateau stops at once, where the original did
+    run([1.0, 3.0, 2.0, 2.5], out_dir=tmp_path)
+    resumed = run([], out_dir=tmp_path, resume=True)
+    assert resumed.stopped_early and resumed.epochs_run == 4
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(patience=0)

@@ -158,9 +158,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation runs
     freeze_backbone: bool = False
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: leave as is
+    # early stopping: end the run once this many epochs passed since the best validation epoch
+    # (checked at each validation; the LR schedule still spans `epochs`). None: off
+    patience: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr", "eval_every"):
+        for name in ("epochs", "batch_size", "lr", "eval_every", "patience"):
             _positive(name, getattr(self, name))
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("'warmup_epochs', 'weight_decay' and 'grad_clip' must be >= 0")
@@ -214,8 +217,9 @@ class SelectionConfig:
     videos: int | None = None  # score candidates on this many training videos, seeded (None: all)
     # exhaustive: every candidate on all selection data; halving: successive halving over the data
     # (all candidates on halving_first batches, the best halving_keep go on to twice as many, ...)
+    # (windows in a seeded order, so that every slice samples all videos)
     search: Literal["exhaustive", "halving"] = "exhaustive"
-    halving_first: int = 2
+    halving_first: int = 8
     halving_keep: float = 0.5
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ class FitResult:
     epochs_run: int
     history: list[dict] = field(default_factory=list)  # one record per trained epoch
     initial: dict | None = None  # the metrics before the first epoch (evaluate_initial)
+    stopped_early: bool = False  # cfg.patience epochs passed without a better validation score
 
 
 def stage_seed(seed: int, *keys: int) -> int:
@@ -203,6 +204,9 @@ def fit(
 
     sampler, dataset = getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)
     for epoch in range(start_epoch, cfg.epochs):
+        if _plateaued(cfg, result, epoch):  # at the top, so a resumed run stops where the original did
+            result.stopped_early = True
+            break
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
@@ -242,6 +246,15 @@ def fit(
     if evaluate_fn is None and on_best is not None:
         on_best(ema.module if ema is not None else model, result.history[-1] if result.history else {})
     return result
+
+
+def _plateaued(cfg: TrainConfig, result: FitResult, epochs_done: int) -> bool:
+    """Early stopping: after a validation epoch, ``cfg.patience`` epochs or more since the best one.
+    Rank 0 decides (only it validates), every rank follows."""
+    if cfg.patience is None or epochs_done == 0 or epochs_done % cfg.eval_every:
+        return False
+    return bool(dist.main_result(lambda: result.best_epoch is not None
+                                 and epochs_done - result.best_epoch >= cfg.patience))
 
 
 def _validate(evaluate_fn, eval_model, record: dict, epoch: int, select_metric: str, result: FitResult,

@@ -54,7 +54,11 @@ def selection_setup(cfg: ExperimentConfig, model, annotations=None, source=None)
         chosen = set(np.random.default_rng(cfg.train.seed).permutation(ids)[: cfg.compress.selection.videos].tolist())
         part = replace(part, videos={v: i for v, i in part.videos.items() if v in chosen})
     dataset = make_dataset(cfg, part, source, train=False, feature_stride=model.feature_stride)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate_windows)
+    order = None
+    if cfg.compress.selection.search == "halving":  # every round's slice samples all videos, not the first few
+        order = np.random.default_rng(cfg.train.seed).permutation(len(dataset)).tolist()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate_windows,
+                                         sampler=order)
     return _target(cfg, dataset), loader
 
 

@@ -89,7 +89,9 @@ def _train(cfg: ExperimentConfig, out: Path, device, annotations, source, skippe
                  select_metric=cfg.eval.best_epoch_metric, param_groups=param_groups(model, cfg),
                  out_dir=out, resume=resume, on_best=on_best, progress=progress, on_checkpoint=lambda _: commit())
     summary = {"best_epoch": result.best_epoch, f"val_{cfg.eval.best_epoch_metric}": result.best_metric,
-               "epochs": result.epochs_run, "wall_time_s": round(time.perf_counter() - start, 1),
+               "epochs": result.epochs_run, "planned_epochs": cfg.train.epochs,
+               "stopped_early": result.stopped_early, "patience": cfg.train.patience,
+               "wall_time_s": round(time.perf_counter() - start, 1),
                "blocks": model.backbone.depth, "model": str(out / MODEL_FILE),
                "threads": torch.get_num_threads(), "world_size": dist.world_size(),
                "data": data_fingerprint(cfg.data, annotations, source), "skipped_media": skipped,
