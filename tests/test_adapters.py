@@ -7,12 +7,15 @@ convolution as shifted sums), so it shares no code with blockdrop's ViT.
 """
 
 import math
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from blockdrop.compress.lora import check_lora, trained_in_full
 from blockdrop.compress.saving import save_compressed
 from blockdrop.compress.stack import drop_blocks
 from blockdrop.core.config import load_config
@@ -20,7 +23,8 @@ from blockdrop.core.errors import BlockdropError, CheckpointError, ConfigError
 from blockdrop.core.schema import EvalConfig, ExperimentConfig
 from blockdrop.models import vit
 from blockdrop.models.checkpoints import export_mmaction_videomae, load_mmaction_videomae, opentad_backbone_args
-from blockdrop.recipes.build import build_detector, detector_builder, load_detector, resolve_config_path
+from blockdrop.recipes.build import (build_detector, detector_builder, load_detector, load_experiment,
+                                     resolve_config_path)
 from blockdrop.tad.target import DetectorTarget
 
 PREFIX = "backbone.model.backbone."  # OpenTAD: detector.backbone (BackboneWrapper).model (Recognizer3D).backbone
@@ -334,3 +338,24 @@ def test_adapter_settings_checked_against_the_model():
     cfg = tiny_adatad_config("backbone.adapter_blocks=[2, 0]")
     assert cfg.backbone.adapter_blocks == (2, 0)
     assert opentad_backbone_args(build_detector(cfg, 3, 3).backbone)["adapter_index"] == [0, 2]
+
+
+@pytest.mark.parametrize("name, depth, width", [("thumos14_adatad_s", 12, 384), ("thumos14_adatad_l", 24, 1024)])
+def test_shipped_adatad_configs_build_and_align_lora_and_adapters(name, depth, width):
+    """At full size on the meta device (no memory): adapters in every block, and the compress
+    section trains LoRA of rank width / 4 on attention plus the adapters in full (the release)."""
+    cfg = load_experiment(name)
+    a = cfg.compress.alignment
+    assert a.lora and a.adapters is True and a.lora_rank == width // 4 and cfg.compress.stopping.max_blocks == depth // 4
+    with torch.device("meta"):
+        model = build_detector(replace(cfg, backbone=replace(cfg.backbone, checkpoint=None)), 20, 3)
+    blocks = model.backbone.blocks
+    assert len(blocks) == depth and all(b.adapter is not None and b.adapter.hidden == width // 4 for b in blocks)
+    assert check_lora(model, DetectorTarget.stack_path, targets=a.lora_targets, trainable=a.trainable,
+                      rank=a.lora_rank, lora=a.lora, adapters=a.adapters) == ("attn.qkv", "attn.proj")
+    full = trained_in_full(model, DetectorTarget.stack_path, a.trainable, a.adapters)
+    trained = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in full)]
+    assert sum(".adapter." in n for n in trained) == depth * 9  # every adapter tensor of every block
+    assert not any(".attn." in n or ".mlp." in n for n in trained if n.startswith("backbone."))
+    with pytest.raises(ConfigError, match=r"compress\.alignment\.adapters is true, but no block"):
+        load_experiment(name, ["backbone.adapter_blocks=null", "backbone.train_only_adapters=false"])

@@ -4,6 +4,10 @@ Step 3 and 4 of the method (docs/method.md, docs/compression.md "Cross-depth ali
 
     add_lora(student) -> fit(AlignLoss(teacher)) -> keep the best (EMA) weights -> merge_lora
 
+What trains besides LoRA is `lora.trained_in_full`: the target's set (or ``trainable``) and the
+blocks' adapters (AdaTAD), on by default when there are any; ``lora=False`` trains that set alone
+and has nothing to merge.
+
 The losses compare the student with the teacher through the target only:
 - feature (the engine's own term): for every kept student block, MSE to the teacher block of the
   same ORIGINAL index (`kept_blocks` of each model), averaged over kept blocks. The blocks around a
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockdrop.compress.lora import add_lora, merge_lora
+from blockdrop.compress.lora import add_lora, merge_lora, release, train_in_full, trained_in_full
 from blockdrop.compress.stack import kept_blocks
 from blockdrop.compress.target import Supervised, TargetForward, run_blocks
 from blockdrop.core import distributed as dist
@@ -176,7 +180,8 @@ def _first_batch(data, device: torch.device):
 
 def align(student: nn.Module, teacher: nn.Module, target, train_data, train_cfg, *,
           rank: int | None = None, alpha: float | None = None, targets=None, trainable=None,
-          dropout: float = 0.0, weights: Mapping[str, float] | None = None, evaluate_fn=None,
+          adapters: bool | None = None, lora: bool = True, dropout: float = 0.0,
+          weights: Mapping[str, float] | None = None, evaluate_fn=None,
           metric: str | None = None, score_unaligned: bool = True, out_dir=None, resume: bool = False,
           progress: bool = True, config_name: str = "train", on_checkpoint=None, merge_atol: float = 1e-4,
           merge_rtol: float = 1e-3):
@@ -184,18 +189,28 @@ def align(student: nn.Module, teacher: nn.Module, target, train_data, train_cfg,
 
     ``student`` is modified in place (LoRA added, trained, merged) and returned; ``teacher`` is
     frozen (the original model, or the previous step's). LoRA options go to `add_lora` (targets:
-    the blocks' attention projections; trainable: the target's own set), ``weights`` to `AlignLoss`,
-    the rest to `fit`: ``evaluate_fn(student) -> metrics`` selects the best epoch by ``metric``,
-    the unaligned student (epoch 0) included when ``score_unaligned``, so the result is never worse
-    on validation than the student given; without ``evaluate_fn`` the last epoch is kept.
-    ``train_data`` is a DataLoader or any re-iterable of batches (a list). The selected weights
-    (the EMA's when ``train_cfg.ema_decay > 0``) are merged, checked on the first training batch.
+    the blocks' attention projections); trained in full beside it: ``trainable`` (None: the
+    target's own set) and, per ``adapters`` (None: when the blocks have any), the blocks' adapters
+    (`lora.trained_in_full`); ``lora=False`` trains only that set (nothing is merged).
+    ``weights`` go to `AlignLoss`, the rest to `fit`: ``evaluate_fn(student) -> metrics`` selects
+    the best epoch by ``metric``, the unaligned student (epoch 0) included when ``score_unaligned``,
+    so the result is never worse on validation than the student given; without ``evaluate_fn`` the
+    last epoch is kept. ``train_data`` is a DataLoader or any re-iterable of batches (a list). The
+    selected weights (the EMA's when ``train_cfg.ema_decay > 0``) are merged, checked on the first
+    training batch.
     """
     _check_separate(student, teacher)
     if evaluate_fn is not None and not metric:
         raise BlockdropError("align: evaluate_fn needs metric= (the key of its result that picks the epoch)")
     loss_fn = AlignLoss(teacher, target, weights=weights)
-    add_lora(student, target, rank=rank, alpha=alpha, targets=targets, trainable=trainable, dropout=dropout)
+    full = trained_in_full(student, target.stack_path, target.trainable if trainable is None else trainable,
+                           adapters)
+    if lora:
+        add_lora(student, target, rank=rank, alpha=alpha, targets=targets, trainable=full, dropout=dropout)
+    elif targets is not None or rank is not None:
+        raise BlockdropError("align: lora=False takes no LoRA targets or rank")
+    else:
+        train_in_full(student, full)
     runner = TargetForward(student, target)
     best = _BestState(out_dir, resume)
     validate = (lambda m: evaluate_fn(m.model)) if evaluate_fn is not None else None
@@ -203,6 +218,8 @@ def align(student: nn.Module, teacher: nn.Module, target, train_data, train_cfg,
                  evaluate_initial=score_unaligned and validate is not None, out_dir=out_dir, resume=resume,
                  on_best=best.keep, progress=progress, config_name=config_name, on_checkpoint=on_checkpoint)
     best.restore(runner, metric)
+    if not lora:
+        return release(student), result
     batch = _first_batch(train_data, model_device(student))
     merged = merge_lora(student, lambda m: run_blocks(m, target, batch), atol=merge_atol, rtol=merge_rtol)
     return merged, result

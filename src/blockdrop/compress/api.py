@@ -63,8 +63,9 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
                    metric: str | None = None, max_blocks: int | None = None,
                    target_macs_reduction: float | None = None, max_accuracy_drop: float | None = None,
                    evaluator: str | None = None, block_metric: str | None = None, strategy: str = "progressive",
-                   teacher_mode: str = "original", lora_rank: int | None = None, lora_targets=None,
-                   trainable=None, weights: Mapping[str, float] | None = None, score_unaligned: bool = True,
+                   teacher_mode: str = "original", lora: bool = True, lora_rank: int | None = None,
+                   lora_targets=None, trainable=None, adapters: bool | None = None,
+                   weights: Mapping[str, float] | None = None, score_unaligned: bool = True,
                    train: TrainConfig | None = None, example=None, latency: bool = True,
                    latency_threads: int | None = None, builder: dict | None = None, out: str | Path | None = None,
                    resume: bool = False, seed: int = 0, progress: bool = False,
@@ -83,7 +84,9 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     target with a score (ranked by ``block_metric``) and to "feature_cosine" otherwise. Stopping:
     ``max_blocks``, ``target_macs_reduction``, ``max_accuracy_drop`` (at least one of the first two).
     LoRA: ``lora_rank`` (width // 4), ``lora_targets`` (the blocks' attention projections),
-    ``trainable`` (the target's own set; none for a FeatureTarget). ``weights`` per loss term
+    ``lora=False`` for none; trained in full: ``trainable`` (the target's own set; none for a
+    FeatureTarget) and ``adapters``, the blocks' adapter submodules (None: trained when the blocks
+    have any; True: required; False: frozen). ``weights`` per loss term
     (1.0 each by default). ``train``: the alignment's TrainConfig per step (default: 1 epoch,
     lr 1e-4, no warm-up, no EMA). Cost is measured through the target on ``example`` (default:
     the first selection batch). ``out``: the run folder (a temporary one if None); ``builder``: a
@@ -99,7 +102,10 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
         raise BlockdropError("compress_model: validate needs metric= (the key of its result that picks epochs)")
     try:
         cfg = _settings(evaluator, block_metric, strategy, teacher_mode, max_blocks, target_macs_reduction,
-                        max_accuracy_drop, lora_rank, lora_targets, trainable, weights, score_unaligned, train)
+                        max_accuracy_drop, AlignmentConfig(
+                            lora=lora, lora_rank=lora_rank, lora_targets=lora_targets, trainable=trainable,
+                            adapters=adapters, weights=dict(weights or {}), score_unaligned=score_unaligned,
+                            train=train or TrainConfig(epochs=1, lr=1e-4, warmup_epochs=0, ema_decay=0.0)))
     except ValueError as err:  # the schema's own checks
         raise BlockdropError(f"compress_model: {err}") from None
     _check(model, target, cfg, validate, metric, max_accuracy_drop, train_data)
@@ -121,15 +127,13 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
 
 
 def _settings(evaluator, block_metric, strategy, teacher_mode, max_blocks, target_macs_reduction, max_accuracy_drop,
-              lora_rank, lora_targets, trainable, weights, score_unaligned, train) -> CompressConfig:
+              alignment: AlignmentConfig) -> CompressConfig:
     return CompressConfig(
         teacher_mode=teacher_mode, strategy=strategy,
         selection=SelectionConfig(evaluator=evaluator, block_metric=block_metric or ""),
         stopping=StoppingConfig(max_blocks=max_blocks, target_macs_reduction=target_macs_reduction,
                                 max_accuracy_drop=max_accuracy_drop),
-        alignment=AlignmentConfig(lora_rank=lora_rank, lora_targets=lora_targets, trainable=trainable,
-                                  weights=dict(weights or {}), score_unaligned=score_unaligned,
-                                  train=train or TrainConfig(epochs=1, lr=1e-4, warmup_epochs=0, ema_decay=0.0)))
+        alignment=alignment)
 
 
 class _folder:
@@ -155,7 +159,8 @@ def _check(model: nn.Module, target, cfg: CompressConfig, validate, metric, max_
     a = cfg.alignment
     resolve_weights(target, a.weights, where="weights")
     check_lora(model, target.stack_path, targets=a.lora_targets,
-               trainable=a.trainable if a.trainable is not None else target.trainable, rank=a.lora_rank)
+               trainable=a.trainable if a.trainable is not None else target.trainable, rank=a.lora_rank,
+               lora=a.lora, adapters=a.adapters)
     depth = find_block_stack(model, target.stack_path).depth
     if cfg.stopping.max_blocks is not None and cfg.stopping.max_blocks >= depth:
         raise BlockdropError(f"max_blocks {cfg.stopping.max_blocks} must be below the model's {depth} blocks")

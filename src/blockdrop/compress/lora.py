@@ -3,8 +3,10 @@
 Alignment fine-tuning (docs/compression.md, "Cross-depth alignment") trains a low-rank update of
 each remaining block's attention projections (`attn.qkv` and `attn.proj` in our ViT; found by name
 in any block, see `default_targets`), plus the groups the target names as `trainable` (for the
-detector: all LayerNorms, the tokenizer, the detection head; none for a feature model); every
-other weight is frozen.
+detector: all LayerNorms, the tokenizer, the detection head; none for a feature model) and the
+blocks' own adapters (a submodule named `adapter`, e.g. AdaTAD's temporal adapters), which train in
+full; every other weight is frozen. `trained_in_full` resolves that set; `lora=False` trains it
+alone, with nothing to merge (`train_in_full` / `release`).
 
 peft does the LoRA: `inject_adapter_in_model` wraps each target nn.Linear in place in a
 `peft.tuners.lora.Linear` (B initialised to zero, so the adapted model starts equal to the
@@ -29,6 +31,7 @@ from blockdrop.core.errors import BlockdropError
 from blockdrop.core.torchutil import eval_mode
 
 _ATTENTION_WORDS = ("attn", "attention")  # a Linear whose name has one of these projects attention
+ADAPTER = "adapter"  # a block's adapter submodule (AdaTAD / OpenTAD, blockdrop's ViT): trained in full, never LoRA'd
 _GRAD_FLAGS = "_blockdrop_requires_grad"  # on the model: requires_grad of every parameter before add_lora
 
 
@@ -49,9 +52,49 @@ def _names(value) -> tuple[str, ...]:
 def default_targets(block: nn.Module) -> tuple[str, ...]:
     """The attention projections of a block: its nn.Linear modules with "attn" or "attention" in
     their name. Our ViT and timm: ("attn.qkv", "attn.proj"); transformers BERT / ViT / DINOv2:
-    the query, key, value and output dense layers of `attention`."""
-    return tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear)
-                 and any(word in part for part in name.split(".") for word in _ATTENTION_WORDS))
+    the query, key, value and output dense layers of `attention`. Linears inside an adapter
+    (a name part containing "adapter") never are: adapters train in full (`trained_in_full`)."""
+    def wanted(name: str) -> bool:
+        parts = name.split(".")
+        return (any(word in part for part in parts for word in _ATTENTION_WORDS)
+                and not any(ADAPTER in part for part in parts))
+
+    return tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear) and wanted(name))
+
+
+def adapter_regex(stack: BlockStack) -> str:
+    """The parameters of the blocks' adapters: anything under a submodule named `adapter` of a block."""
+    return rf"^{re.escape(stack.path)}\.\d+\.(?:[^.]+\.)*{ADAPTER}\."
+
+
+def adapter_parameters(model: nn.Module, stack: BlockStack) -> list[str]:
+    """Names of the parameters of the adapters in the current blocks (empty for a model without any)."""
+    pattern = re.compile(adapter_regex(stack))
+    return [name for name, _ in model.named_parameters() if pattern.search(name)]
+
+
+def trained_in_full(model: nn.Module, stack_path: str, trainable=(), adapters: bool | None = None, *,
+                    where: str = "") -> tuple[str, ...]:
+    """The regexes of the parameters alignment trains in full: ``trainable`` plus the blocks' adapters.
+
+    ``adapters``: None trains the adapters when the blocks have any (a model without adapters is
+    unaffected); True the same, but a model without adapters is an error; False freezes them, and
+    then no ``trainable`` pattern may reach them. ``where`` prefixes setting names in errors.
+    """
+    stack = find_block_stack(model, stack_path)
+    patterns = _names(trainable)
+    found = adapter_parameters(model, stack)
+    if adapters and not found:
+        raise BlockdropError(f"{where}adapters is true, but no block of {stack.path!r} has an adapter (a submodule "
+                             f"named {ADAPTER!r}); leave it out, or give the model adapters")
+    if adapters is False:
+        for compiled in compile_trainable(patterns, model, where=f"{where}trainable"):
+            reached = [name for name in found if compiled.search(name)]
+            if reached:
+                raise BlockdropError(f"{where}adapters is false, but {where}trainable pattern {compiled.pattern!r} "
+                                     f"trains adapter parameters ({reached[0]}, ...); drop the pattern or the flag")
+        return patterns
+    return patterns + ((adapter_regex(stack),) if found else ())
 
 
 def _target_names(model: nn.Module, stack: BlockStack, targets, where: str = "LoRA targets") -> list[str]:
@@ -93,27 +136,75 @@ def compile_trainable(patterns, model: nn.Module, where: str = "trainable") -> l
 
 
 def check_lora(model: nn.Module, stack_path: str, *, targets=None, trainable=(), rank: int | None = None,
-               where: str = "") -> tuple[str, ...]:
-    """Check LoRA settings against a model without changing it; returns the targets to use.
+               lora: bool = True, adapters: bool | None = None, where: str = "") -> tuple[str, ...]:
+    """Check what alignment would train against a model without changing it; returns the LoRA
+    targets to use (none when ``lora`` is off).
 
-    ``where`` prefixes the setting names in errors (``"compress.alignment."`` for a config).
+    ``trainable`` and ``adapters`` as in `trained_in_full`; ``where`` prefixes the setting names in
+    errors (``"compress.alignment."`` for a config).
     """
     stack = find_block_stack(model, stack_path)
+    full = trained_in_full(model, stack_path, trainable, adapters, where=where)
+    compiled = compile_trainable(full, model, where=f"{where}trainable")
+    if not lora:
+        if targets is not None or rank is not None:
+            given = [name for name, value in (("lora_targets", targets), ("lora_rank", rank)) if value is not None]
+            raise BlockdropError(f"{where}lora is false, so {' and '.join(where + g for g in given)} set nothing; "
+                                 f"leave them out or set {where}lora: true")
+        if not full:
+            raise BlockdropError(f"{where}lora is false and nothing else trains: {where}trainable is empty and the "
+                                 f"blocks of {stack.path!r} have no adapters (or {where}adapters is false)")
+        return ()
     targets = _names(targets) if targets is not None else default_targets(stack.modules[0])
     if not targets:
         raise BlockdropError(f"{where}lora_targets: a block of {stack.path!r} has no Linear named like an attention "
                              f"projection ('attn', 'attention'); name the Linears to adapt")
-    _target_names(model, stack, targets, where=f"{where}lora_targets")
-    compile_trainable(_names(trainable), model, where=f"{where}trainable")
+    names = _target_names(model, stack, targets, where=f"{where}lora_targets")
+    for name in names:  # LoRA on a Linear that trains anyway would be an ambiguous double update
+        pattern = next((c.pattern for c in compiled if c.search(f"{name}.weight")), None)
+        if pattern is not None:
+            what = (f"{where}adapters (adapters train in full unless it is false)" if pattern == adapter_regex(stack)
+                    else f"{where}trainable pattern {pattern!r}")
+            raise BlockdropError(f"{where}lora_targets: {name} is also trained in full, by {what}; "
+                                 f"LoRA-wrap it or train it in full, not both")
     if rank is not None and rank <= 0:
         raise BlockdropError(f"{where}lora_rank must be positive, got {rank}")
     return targets
 
 
-def _set_trainable(model: nn.Module, compiled: list[re.Pattern]) -> None:
-    """LoRA parameters and parameters whose name matches a pattern (re.search) train; the rest is frozen."""
+def _grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def _set_trainable(model: nn.Module, compiled: list[re.Pattern], flags: dict[str, bool]) -> None:
+    """LoRA parameters and parameters whose name matches a pattern (re.search) train; the rest is
+    frozen. ``flags`` (taken before any LoRA layer was added) are kept for `release` / `merge_lora`."""
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or any(c.search(name) for c in compiled))
+    setattr(model, _GRAD_FLAGS, flags)
+
+
+def train_in_full(model: nn.Module, trainable) -> nn.Module:
+    """Alignment without LoRA: only the parameters matching a ``trainable`` regex (each must match
+    one) require grad. `release` restores the flags afterwards."""
+    if hasattr(model, _GRAD_FLAGS):
+        raise BlockdropError(f"{type(model).__name__} is already prepared for alignment; release or merge it first")
+    patterns = _names(trainable)
+    if not patterns:
+        raise BlockdropError("train_in_full: nothing to train (no trainable patterns)")
+    _set_trainable(model, compile_trainable(patterns, model), _grad_flags(model))
+    return model
+
+
+def release(model: nn.Module) -> nn.Module:
+    """Undo `train_in_full`'s freezing: every parameter's requires_grad as it was before."""
+    flags = vars(model).pop(_GRAD_FLAGS, None)
+    if flags is None:
+        raise BlockdropError(f"release: {type(model).__name__} was not prepared by train_in_full")
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+    return model
 
 
 def add_lora(model: nn.Module, target, *, rank: int | None = None, alpha: float | None = None,
@@ -144,14 +235,13 @@ def add_lora(model: nn.Module, target, *, rank: int | None = None, alpha: float 
         raise BlockdropError(f"LoRA needs rank > 0, alpha > 0 and dropout in [0, 1); got rank={rank}, "
                              f"alpha={alpha}, dropout={dropout}")
     compiled = compile_trainable(patterns, model)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    flags = _grad_flags(model)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         target_modules=_target_regex(stack, targets), bias="none")
     inject_adapter_in_model(config, model)
     assert sorted(n for n, _ in lora_layers(model)) == sorted(names), "peft wrapped other modules than asked"
     assert find_block_stack(model, path).original_indices == stack.original_indices, "kept_blocks map lost"
-    _set_trainable(model, compiled)
-    setattr(model, _GRAD_FLAGS, flags)
+    _set_trainable(model, compiled, flags)
     return model
 
 
@@ -212,11 +302,8 @@ def _unload(model: nn.Module, layers) -> None:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.get_base_layer())
     vars(model).pop("peft_config", None)  # set by inject_adapter_in_model; peft drops it on unload too
-    flags = vars(model).pop(_GRAD_FLAGS, None)
-    if flags is not None:
-        for name, p in model.named_parameters():
-            if name in flags:
-                p.requires_grad_(flags[name])
+    if hasattr(model, _GRAD_FLAGS):
+        release(model)
 
 
 def merge_lora(model: nn.Module, check_fn: Callable[[nn.Module], object] | None = None, *,

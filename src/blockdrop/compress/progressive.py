@@ -116,8 +116,8 @@ def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, hi
     drop_original(student, selection.drop, stack=setup.target.stack_path)
     a = cfg.alignment
     train_cfg = replace(a.train, epochs=strategy.epochs(a.train.epochs, len(selection.drop)))
-    merged, fit = align(student, teacher, setup.target, setup.train_data, train_cfg, rank=a.lora_rank,
-                        targets=a.lora_targets, trainable=a.trainable, weights=a.weights,
+    merged, fit = align(student, teacher, setup.target, setup.train_data, train_cfg, lora=a.lora, rank=a.lora_rank,
+                        targets=a.lora_targets, trainable=a.trainable, adapters=a.adapters, weights=a.weights,
                         evaluate_fn=setup.validate, metric=setup.metric, score_unaligned=a.score_unaligned,
                         out_dir=step_dir / "align", resume=resume, progress=setup.progress,
                         config_name="compress.alignment.train", on_checkpoint=setup.on_checkpoint)

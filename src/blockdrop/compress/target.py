@@ -181,6 +181,7 @@ class FeatureTarget:
     ``finish`` / ``call_block`` for anything else:
 
     - blockdrop ViTs (`embed` / `pool` methods): output = the pooled features, compared as (B, T, C);
+      blocks get the ctx's window layout when it has one (AdaTAD adapters, models/adapters.py);
     - timm-style ViTs (`patch_embed`, `_pos_embed`, `blocks`, `norm`): output = `forward_features`;
     - transformers encoders (`embeddings`, `encoder.layer`): a batch is the model's keyword inputs
       (e.g. `input_ids` + `attention_mask`, or `pixel_values`); the padding mask reaches every
@@ -224,7 +225,8 @@ class FeatureTarget:
     def call_block(self, block, tokens, ctx):
         if self._call_block is not None:
             return self._call_block(block, tokens, ctx)
-        out = block(tokens)
+        layout = getattr(ctx, "layout", None)  # a blockdrop video ViT's window layout, for its AdaTAD adapters
+        out = block(tokens) if layout is None else block(tokens, layout)
         return out[0] if isinstance(out, tuple) else out
 
     def finish(self, model, tokens, ctx, batch):

@@ -128,13 +128,13 @@ class BackboneConfig:
 class HeadConfig:
     """ActionFormer head sizes (see blockdrop.models.actionformer)."""
 
-    embed_dim: int = 128
-    fpn_dim: int = 128
-    head_dim: int = 128
-    num_levels: int = 6
+    embed_dim: int = 128  # channels of the projection from the backbone and of the pyramid's transformer
+    fpn_dim: int = 128  # channels of the feature pyramid's outputs
+    head_dim: int = 128  # channels of the classification and regression heads' convolutions
+    num_levels: int = 6  # pyramid levels, strides 1, 2, 4, ... feature steps
     attn_window: int = 9  # local self-attention window in the pyramid (ActionFormer uses 19 on THUMOS)
-    center_sample_radius: float = 1.5
-    dropout: float = 0.0
+    center_sample_radius: float = 1.5  # positives: points within this many strides of a segment's centre
+    dropout: float = 0.0  # in the pyramid's transformer layers
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "fpn_dim", "head_dim", "num_levels", "attn_window"):
@@ -145,28 +145,30 @@ class HeadConfig:
 class TrainConfig:
     """The one training loop's settings (AdamW, warm-up + cosine, EMA, clipping)."""
 
-    epochs: int = 30
-    batch_size: int = 2
-    lr: float = 1e-4
-    backbone_lr_mult: float = 1.0
-    weight_decay: float = 0.05
-    warmup_epochs: int = 5
-    grad_clip: float = 1.0
+    epochs: int = 30  # the schedule's length (warm-up + cosine to zero)
+    batch_size: int = 2  # windows per step (per process under torchrun)
+    lr: float = 1e-4  # AdamW's peak learning rate
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate is lr times this
+    weight_decay: float = 0.05  # AdamW's (not applied to norms and biases)
+    warmup_epochs: int = 5  # linear warm-up from 0 to lr
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     ema_decay: float = 0.999  # 0 disables EMA
     amp: bool = True  # bf16 autocast on CUDA only; ignored on CPU
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order, crops and splits; each stage derives its own from it
     eval_every: int = 1  # epochs between validation runs
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # train the head only
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: leave as is
-    # early stopping: end the run once this many epochs passed since the best validation epoch
-    # (checked at each validation; the LR schedule still spans `epochs`). None: off
+    # early stopping: end the run once this many epochs passed since the last validation score that
+    # beat all earlier ones by more than `min_delta` (checked at each validation; the LR schedule
+    # still spans `epochs`; the best-scored model is kept). None: off
     patience: int | None = None
+    min_delta: float = 0.0  # early stopping counts only gains larger than this as better (metric units)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "eval_every", "patience"):
             _positive(name, getattr(self, name))
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("'warmup_epochs', 'weight_decay' and 'grad_clip' must be >= 0")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.min_delta < 0:
+            raise ValueError("'warmup_epochs', 'weight_decay', 'grad_clip' and 'min_delta' must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"'ema_decay' must be in [0, 1), got {self.ema_decay}")
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
@@ -182,12 +184,12 @@ class EvalConfig:
 
     tiou_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
     best_epoch_metric: str = "average_mAP"  # or "mAP@0.5", ...: one of metric_names()
-    min_score: float = 0.001
-    pre_nms_topk: int = 2000
-    max_segments: int = 200
-    nms_sigma: float = 0.7
-    voting_threshold: float = 0.75
-    batch_size: int = 4
+    min_score: float = 0.001  # candidates scoring at or below this are dropped, before and during soft-NMS
+    pre_nms_topk: int = 2000  # candidates kept per window before NMS
+    max_segments: int = 200  # detections kept per video after soft-NMS
+    nms_sigma: float = 0.7  # Gaussian soft-NMS's sigma
+    voting_threshold: float = 0.75  # tIoU for score-weighted boundary voting after NMS
+    batch_size: int = 4  # windows per forward pass in eval and validation
 
     MOVED: ClassVar[dict] = {"select_metric": "eval.best_epoch_metric"}
 
@@ -255,9 +257,13 @@ def _alignment_train() -> TrainConfig:
 class AlignmentConfig:
     """Step 3, the LoRA fine-tune of each step against the frozen teacher."""
 
+    lora: bool = True  # LoRA on the kept blocks' lora_targets; false: only the fully trained set below trains
     lora_rank: int | None = None  # default: (smallest in_features of the wrapped Linears) // 4, i.e. width / 4
     lora_targets: tuple[str, ...] | None = None  # Linears inside a block; default: the block's attention projections
     trainable: tuple[str, ...] | None = None  # regexes trained in full besides LoRA; default: the target's own set
+    # the blocks' adapters (AdaTAD) trained in full: null trains them when the backbone has any, true
+    # the same but a model without adapters is an error, false freezes them (docs/compression.md)
+    adapters: bool | None = None
     weights: dict[str, float] = field(default_factory=dict)  # per loss term; unnamed terms weigh 1.0 (the released recipe)
     temperature: float = 3.5  # class distillation temperature
     score_unaligned: bool = True  # score the unaligned student (epoch 0) as a candidate: a step never gets worse
@@ -265,6 +271,9 @@ class AlignmentConfig:
 
     def __post_init__(self) -> None:
         _positive("lora_rank", self.lora_rank)
+        if not self.lora and (self.lora_rank is not None or self.lora_targets is not None):
+            raise ValueError("'lora_rank' and 'lora_targets' set LoRA, which 'lora: false' switches off; "
+                             "leave them out or set 'lora: true'")
         if self.lora_targets is not None and not self.lora_targets:
             raise ValueError("'lora_targets' must name at least one Linear (or be left out for the default)")
         if self.temperature <= 0:

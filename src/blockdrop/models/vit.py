@@ -16,7 +16,9 @@ concatenates the per-clip features in time, as OpenTAD/AdaTAD do for VideoMAE.
 AdaTAD adapters (models/adapters.py, `adapter_blocks=`) sit inside their blocks (`blocks[i].adapter`,
 so dropping a block drops its adapter) and convolve over the whole window, across clips: an
 adapted block is called `block(tokens, layout)` with the `WindowLayout` that `embed` puts in its ctx
-(`ctx.layout`); blocks without an adapter ignore it and stay clip by clip.
+(`ctx.layout`, for `VisionTransformer` and `ClipVideoBackbone` alike, so any caller that runs the
+blocks one by one, such as the compression engine's targets, passes it the same way); blocks without
+an adapter ignore it and stay clip by clip.
 """
 
 from typing import Any, NamedTuple
@@ -141,6 +143,13 @@ class Block(nn.Module):
         return self._forward(x, layout)
 
 
+class ViTContext(NamedTuple):
+    """`VisionTransformer.embed`'s ctx: the tokenizer's own (what `pool` needs) and the adapters' layout."""
+
+    inner: Any  # the tokenizer's ctx, e.g. (t, h, w) for TubeletEmbed
+    layout: WindowLayout | None  # every clip a window of one clip; None for tokenizers that take no adapters
+
+
 class VisionTransformer(nn.Module):
     """tokenizer + `blocks` + final norm + pooling; see the module docstring.
 
@@ -194,24 +203,25 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.grad_checkpointing = enable
 
-    def embed(self, x: torch.Tensor):
-        return self.tokenizer(x)  # (tokens (B', N, C), ctx)
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, ViTContext]:
+        tokens, inner = self.tokenizer(x)  # (B', N, C)
+        # alone, a video ViT's every input clip is its own window (ClipVideoBackbone passes whole windows)
+        layout = WindowLayout(tokens.shape[0], 1, *inner) if isinstance(self.tokenizer, TubeletEmbed) else None
+        return tokens, ViTContext(inner, layout)
 
-    def pool(self, tokens: torch.Tensor, ctx) -> torch.Tensor:
+    def pool(self, tokens: torch.Tensor, ctx: ViTContext) -> torch.Tensor:
         if self.norm is not None:
             tokens = self.norm(tokens)
-        feats = self.tokenizer.pool(tokens, ctx)  # (B, C, T)
+        feats = self.tokenizer.pool(tokens, ctx.inner)  # (B, C, T)
         if self.fc_norm is not None:
             feats = self.fc_norm(feats.transpose(1, 2)).transpose(1, 2)
         return feats
 
     def forward(self, x: torch.Tensor, return_blocks: bool = False):
         tokens, ctx = self.embed(x)
-        # alone, a video ViT's every input clip is its own window (ClipVideoBackbone passes whole windows)
-        layout = WindowLayout(tokens.shape[0], 1, *ctx) if isinstance(self.tokenizer, TubeletEmbed) else None
         outputs = []
         for block in self.blocks:
-            tokens = block(tokens, layout)
+            tokens = block(tokens, ctx.layout)
             if return_blocks:
                 outputs.append(tokens)
         feats = self.pool(tokens, ctx)
@@ -231,8 +241,8 @@ class ClipContext(NamedTuple):
     batch: int
     n_clips: int
     frames: int
-    inner: Any  # the ViT tokenizer's own ctx, per clip
-    layout: WindowLayout | None  # None for a frame ViT (DINOv2), which takes no adapters
+    inner: ViTContext  # the ViT's own ctx, per clip
+    layout: WindowLayout | None  # the whole window; None for a frame ViT (DINOv2), which takes no adapters
 
 
 class ClipVideoBackbone(nn.Module):
@@ -298,8 +308,8 @@ class ClipVideoBackbone(nn.Module):
             raise ValueError(f"window of {frames} frames is not a multiple of clip_len {self.clip_len}")
         n_clips = frames // self.clip_len
         clips = x.unflatten(2, (n_clips, self.clip_len)).transpose(1, 2).flatten(0, 1)  # (B*n, 3, L, H, W)
-        tokens, inner = self.vit.embed(clips)  # (B*n, N, C)
-        layout = WindowLayout(batch, n_clips, *inner) if isinstance(self.vit.tokenizer, TubeletEmbed) else None
+        tokens, inner = self.vit.embed(clips)  # (B*n, N, C); inner.layout has one clip per window
+        layout = WindowLayout(batch, n_clips, *inner.inner) if inner.layout is not None else None
         return tokens, ClipContext(batch, n_clips, frames, inner, layout)
 
     def pool(self, tokens: torch.Tensor, ctx: ClipContext) -> torch.Tensor:

@@ -79,7 +79,7 @@ def check_experiment(cfg: ExperimentConfig, source: str = "config") -> None:
     trainable = a.trainable if a.trainable is not None else DETECTOR_TRAINABLE
     try:
         check_lora(model, DetectorTarget.stack_path, targets=a.lora_targets, trainable=trainable,
-                   rank=a.lora_rank, where="compress.alignment.")
+                   rank=a.lora_rank, lora=a.lora, adapters=a.adapters, where="compress.alignment.")
         resolve_weights(DetectorTarget, a.weights, where="compress.alignment.weights")
     except BlockdropError as err:
         raise ConfigError(f"{source}: {err}") from None
