@@ -111,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(co)
     co.set_defaults(func=commands.cmd_compress)
 
-    rp = sub.add_parser("report", help="write report.md (+ report.png) for a compress run folder")
+    rp = sub.add_parser("report", help="write report.md and a self-contained report.html (figures with "
+                        "blockdrop[report]) for a compress run folder")
     rp.add_argument("run", type=Path, help="the run folder of `blockdrop compress` (has history.json)")
-    rp.add_argument("--no-plot", action="store_true", help="skip the plot even if matplotlib is installed")
+    rp.add_argument("--no-plot", action="store_true", help="skip the figures and the detection timeline even if "
+                    "matplotlib is installed")
     rp.set_defaults(func=commands.cmd_report)
 
     ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment")
