@@ -198,3 +198,31 @@ def test_patience_stops_after_that_many_epochs_without_a_better_score_and_a_resu
     assert resumed.stopped_early and resumed.epochs_run == 4
     with pytest.raises(ValueError, match="patience"):
         TrainConfig(patience=0)
+
+
+def test_min_delta_counts_only_gains_larger_than_it():
+    x, y = _toy()
+    scores = [1.0, 3.0, 3.2, 3.3, 3.35, 9.0]  # after epoch 2 the gains are 0.2, 0.1, 0.05: none above 0.5
+    it = iter(scores)
+    cfg = TrainConfig(epochs=6, warmup_epochs=0, ema_decay=0.0, patience=3, min_delta=0.5)
+    seed_everything(0)
+    result = fit(nn.Linear(4, 1), _loss, _loader(x, y), cfg, evaluate_fn=lambda m: {"average_mAP": next(it)},
+                 progress=False)
+    # stopped 3 epochs after epoch 2, the last real gain; the model kept is still the best scored (epoch 5)
+    assert result.stopped_early and result.epochs_run == 5 and result.best_epoch == 5
+
+
+def test_a_schedule_that_ends_on_a_plateau_is_recorded_as_one():
+    x, y = _toy()
+    cfg = TrainConfig(epochs=6, warmup_epochs=0, ema_decay=0.0, patience=3, min_delta=0.5)
+
+    def run(scores):
+        it = iter(scores)
+        seed_everything(0)
+        return fit(nn.Linear(4, 1), _loss, _loader(x, y), cfg, evaluate_fn=lambda m: {"average_mAP": next(it)},
+                   progress=False)
+
+    flat = run([1.0, 2.0, 4.0, 4.1, 4.2, 4.3])  # last real gain at epoch 3; 3 epochs later the schedule ends
+    assert flat.plateaued and not flat.stopped_early and flat.epochs_run == 6
+    rising = run([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert not rising.plateaued and not rising.stopped_early

@@ -43,6 +43,9 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one record per trained epoch
     initial: dict | None = None  # the metrics before the first epoch (evaluate_initial)
     stopped_early: bool = False  # cfg.patience epochs passed without a better validation score
+    # at the end, cfg.patience epochs or more had passed since the last gain above cfg.min_delta
+    # (true when stopped early; also when the schedule ran out on a plateau)
+    plateaued: bool = False
 
 
 def stage_seed(seed: int, *keys: int) -> int:
@@ -204,7 +207,7 @@ def fit(
 
     sampler, dataset = getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)
     for epoch in range(start_epoch, cfg.epochs):
-        if _plateaued(cfg, result, epoch):  # at the top, so a resumed run stops where the original did
+        if _plateaued(cfg, result, epoch, select_metric):  # at the top, so a resumed run stops where the original did
             result.stopped_early = True
             break
         if hasattr(sampler, "set_epoch"):
@@ -245,16 +248,33 @@ def fit(
         dist.barrier()
     if evaluate_fn is None and on_best is not None:
         on_best(ema.module if ema is not None else model, result.history[-1] if result.history else {})
+    result.plateaued = result.stopped_early or _plateaued(cfg, result, result.epochs_run, select_metric, final=True)
     return result
 
 
-def _plateaued(cfg: TrainConfig, result: FitResult, epochs_done: int) -> bool:
-    """Early stopping: after a validation epoch, ``cfg.patience`` epochs or more since the best one.
-    Rank 0 decides (only it validates), every rank follows."""
-    if cfg.patience is None or epochs_done == 0 or epochs_done % cfg.eval_every:
+def _plateaued(cfg: TrainConfig, result: FitResult, epochs_done: int, metric: str, final: bool = False) -> bool:
+    """Early stopping: after a validation epoch (or, ``final``, after the last one), ``cfg.patience``
+    epochs or more since the last one that beat every earlier score by more than ``cfg.min_delta``.
+    Rank 0 decides (only it validates)."""
+    if cfg.patience is None or epochs_done == 0 or (epochs_done % cfg.eval_every and not final):
         return False
-    return bool(dist.main_result(lambda: result.best_epoch is not None
-                                 and epochs_done - result.best_epoch >= cfg.patience))
+    return bool(dist.main_result(lambda: _last_gain(result, f"val/{metric}", cfg.min_delta) is not None
+                                 and epochs_done - _last_gain(result, f"val/{metric}", cfg.min_delta) >= cfg.patience))
+
+
+def _last_gain(result: FitResult, key: str, min_delta: float) -> int | None:
+    """The last validated epoch whose score exceeded the best before it by more than ``min_delta``
+    (the first validated epoch counts as one; epoch 0 is the model as given)."""
+    best, last = None, None
+    scored = ([(0, result.initial.get(key[4:]))] if result.initial else []) + [(r["epoch"], r.get(key))
+                                                                              for r in result.history]
+    for epoch, score in scored:
+        if score is None:
+            continue
+        if best is None or score > best + min_delta:
+            last = epoch
+        best = score if best is None else max(best, score)
+    return last
 
 
 def _validate(evaluate_fn, eval_model, record: dict, epoch: int, select_metric: str, result: FitResult,

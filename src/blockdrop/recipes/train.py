@@ -90,7 +90,8 @@ def _train(cfg: ExperimentConfig, out: Path, device, annotations, source, skippe
                  out_dir=out, resume=resume, on_best=on_best, progress=progress, on_checkpoint=lambda _: commit())
     summary = {"best_epoch": result.best_epoch, f"val_{cfg.eval.best_epoch_metric}": result.best_metric,
                "epochs": result.epochs_run, "planned_epochs": cfg.train.epochs,
-               "stopped_early": result.stopped_early, "patience": cfg.train.patience,
+               "stopped_early": result.stopped_early, "plateaued": result.plateaued,
+               "patience": cfg.train.patience, "min_delta": cfg.train.min_delta,
                "wall_time_s": round(time.perf_counter() - start, 1),
                "blocks": model.backbone.depth, "model": str(out / MODEL_FILE),
                "threads": torch.get_num_threads(), "world_size": dist.world_size(),
