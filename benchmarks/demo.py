@@ -3,8 +3,9 @@
     python benchmarks/demo.py                          # writes benchmarks/results/demo.json
     python benchmarks/demo.py --venv /tmp/demo-venv    # reuse (or create) that environment
 
-Creates a virtual environment (unless --venv names one that has blockdrop), installs the README's
-first command's packages into it (`pip install "torch==2.13.0" ".[hapt,report]"`, not timed), then
+Creates a virtual environment (unless --venv names an existing one) and installs the README's
+first command's packages into it (`pip install "torch==2.13.0" ".[hapt,report]"`, not timed;
+every time, so a reused environment runs this checkout), then
 times `blockdrop demo --out DIR` from a clean folder: HAPT conversion, teacher training to its
 validation plateau, Progressive Block Drop, test scoring of every step. Records the wall time, the
 teacher's and the compressed model's test average mAP, the blocks dropped, and whether the teacher
@@ -32,9 +33,10 @@ INSTALL = ["torch==2.13.0", ".[hapt,report]"]
 def ensure_venv(venv: Path) -> tuple[Path, float]:
     python = venv / "bin" / "python"
     start = time.perf_counter()
-    if not (venv / "bin" / "blockdrop").exists():
+    if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *INSTALL], cwd=ROOT, check=True)
+    # always (re)installed, so a reused environment runs this checkout, not the one it was made from
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *INSTALL], cwd=ROOT, check=True)
     return venv / "bin" / "blockdrop", time.perf_counter() - start
 
 

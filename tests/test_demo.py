@@ -33,7 +33,8 @@ def test_demo_trains_a_teacher_compresses_it_and_says_what_it_wrote(tmp_path, ca
     assert f"at epoch {teacher['val_best_epoch']}" in printed.splitlines()[0]
     for line in ("report: ", "model: ", "export: ", "detect: "):
         assert any(row.startswith(line) for row in printed.splitlines()), line
-    assert (out / "compressed" / "report.md").exists()
+    assert any(row == f"report:  {out / 'compressed' / 'report.html'}" for row in printed.splitlines())
+    assert (out / "compressed" / "report.html").stat().st_size > 0 and (out / "compressed" / "report.md").exists()
     # a re-run continues: nothing is trained again, and the same numbers come back
     again = main(args)
     assert again == 0 and json.loads((out / "demo.json").read_text())["table"] == result["table"]

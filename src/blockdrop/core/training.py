@@ -258,8 +258,11 @@ def _plateaued(cfg: TrainConfig, result: FitResult, epochs_done: int, metric: st
     Rank 0 decides (only it validates)."""
     if cfg.patience is None or epochs_done == 0 or (epochs_done % cfg.eval_every and not final):
         return False
-    return bool(dist.main_result(lambda: _last_gain(result, f"val/{metric}", cfg.min_delta) is not None
-                                 and epochs_done - _last_gain(result, f"val/{metric}", cfg.min_delta) >= cfg.patience))
+    def since_gain() -> bool:
+        last = _last_gain(result, f"val/{metric}", cfg.min_delta)
+        return last is not None and epochs_done - last >= cfg.patience
+
+    return bool(dist.main_result(since_gain))
 
 
 def _last_gain(result: FitResult, key: str, min_delta: float) -> int | None:

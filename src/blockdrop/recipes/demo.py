@@ -78,8 +78,7 @@ def run_demo(out: str | Path = "blockdrop-demo", overrides: Sequence[str] = (), 
     print(teacher_line(result["teacher"]))
     print(format_table(table))
     print(f"stopped: {history.stopped}")
-    report = out / "compressed" / "report.html"
-    print(f"report:  {report if report.exists() else out / 'compressed' / 'report.md'}")
+    print(f"report:  {out / 'compressed' / 'report.html'}")
     print(f"model:   {result['compressed']['model']} (standalone: blockdrop eval demo --checkpoint it "
           f"--set data.root={data})")
     print(f"export:  blockdrop export {result['compressed']['model']} --out {out / 'compressed' / 'model.onnx'}")
