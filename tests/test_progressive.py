@@ -138,6 +138,34 @@ def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
     assert len(step.align.epochs) == 4  # the budget of two progressive steps in one alignment
 
 
+def test_drop_only_and_an_alignment_subset_of_videos(teacher, tmp_path, monkeypatch):
+    """compress.alignment.videos fine-tunes on a seeded subset of the training videos;
+    compress.alignment.enabled=false drops with no recovery: the saved model is the teacher minus
+    the chosen blocks, weight for weight, and the first choice equals the aligned run's."""
+    config, teacher_path = teacher
+    seen, real = [], recipes.make_loader
+    monkeypatch.setattr(recipes, "make_loader", lambda ds, *a, **k: seen.append(sorted(ds.annotations.videos))
+                        or real(ds, *a, **k))
+    aligned = compress_experiment(_cfg(config, "compress.alignment.videos=2"), teacher=teacher_path,
+                                  out=tmp_path / "sub", progress=False)
+    cfg = _cfg(config)
+    train_ids = set(recipes.split_annotations(cfg.data, recipes.load_experiment_annotations(cfg.data),
+                                              cfg.train.seed)["train"].videos)
+    assert len(seen[0]) == 2 and set(seen[0]) < train_ids
+    drop = compress_experiment(_cfg(config, "compress.alignment.enabled=false"), teacher=teacher_path,
+                               out=tmp_path / "drop", progress=False)
+    assert drop.steps[0].dropped_original == aligned.steps[0].dropped_original
+    assert all(s.align.best_epoch is None and s.align.epochs == [] for s in drop.steps)
+    assert "none (drop-only)" in (tmp_path / "drop" / "report.html").read_text()
+    reference, _ = load_detector(teacher_path)
+    from blockdrop.compress.stack import drop_original
+
+    drop_original(reference, drop.dropped_original, stack="backbone.blocks")
+    student, _ = load_detector(tmp_path / "drop" / "model.safetensors")
+    mine, theirs = student.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def test_previous_step_teacher_runs_through_the_loop(teacher, tmp_path, monkeypatch):
     """teacher_mode previous: each step aligns to the model it started from (step 2's teacher is
     step 1's merged model, without the block step 1 dropped), and the loop runs through."""

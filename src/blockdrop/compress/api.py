@@ -63,7 +63,7 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
                    metric: str | None = None, max_blocks: int | None = None,
                    target_macs_reduction: float | None = None, max_accuracy_drop: float | None = None,
                    evaluator: str | None = None, block_metric: str | None = None, strategy: str = "progressive",
-                   teacher_mode: str = "original", lora: bool = True, lora_rank: int | None = None,
+                   teacher_mode: str = "original", align: bool = True, lora: bool = True, lora_rank: int | None = None,
                    lora_targets=None, trainable=None, adapters: bool | None = None,
                    weights: Mapping[str, float] | None = None, score_unaligned: bool = True,
                    train: TrainConfig | None = None, example=None, latency: bool = True,
@@ -83,7 +83,8 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     ``val_data`` (else ``selection_data``), metric "cosine". ``evaluator`` defaults to "score" for a
     target with a score (ranked by ``block_metric``) and to "feature_cosine" otherwise. Stopping:
     ``max_blocks``, ``target_macs_reduction``, ``max_accuracy_drop`` (at least one of the first two).
-    LoRA: ``lora_rank`` (width // 4), ``lora_targets`` (the blocks' attention projections),
+    ``align=False`` drops without any recovery (the drop-only baseline; the LoRA and training
+    arguments are then unused). LoRA: ``lora_rank`` (width // 4), ``lora_targets`` (the blocks' attention projections),
     ``lora=False`` for none; trained in full: ``trainable`` (the target's own set; none for a
     FeatureTarget) and ``adapters``, the blocks' adapter submodules (None: trained when the blocks
     have any; True: required; False: frozen). ``weights`` per loss term
@@ -103,7 +104,7 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     try:
         cfg = _settings(evaluator, block_metric, strategy, teacher_mode, max_blocks, target_macs_reduction,
                         max_accuracy_drop, AlignmentConfig(
-                            lora=lora, lora_rank=lora_rank, lora_targets=lora_targets, trainable=trainable,
+                            enabled=align, lora=lora, lora_rank=lora_rank, lora_targets=lora_targets, trainable=trainable,
                             adapters=adapters, weights=dict(weights or {}), score_unaligned=score_unaligned,
                             train=train or TrainConfig(epochs=1, lr=1e-4, warmup_epochs=0, ema_decay=0.0)))
     except ValueError as err:  # the schema's own checks

@@ -115,12 +115,17 @@ def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, hi
     teacher = setup.teacher if cfg.teacher_mode == "original" else copy.deepcopy(student)
     drop_original(student, selection.drop, stack=setup.target.stack_path)
     a = cfg.alignment
-    train_cfg = replace(a.train, epochs=strategy.epochs(a.train.epochs, len(selection.drop)))
-    merged, fit = align(student, teacher, setup.target, setup.train_data, train_cfg, lora=a.lora, rank=a.lora_rank,
-                        targets=a.lora_targets, trainable=a.trainable, adapters=a.adapters, weights=a.weights,
-                        evaluate_fn=setup.validate, metric=setup.metric, score_unaligned=a.score_unaligned,
-                        out_dir=step_dir / "align", resume=resume, progress=setup.progress,
-                        config_name="compress.alignment.train", on_checkpoint=setup.on_checkpoint)
+    if a.enabled:
+        train_cfg = replace(a.train, epochs=strategy.epochs(a.train.epochs, len(selection.drop)))
+        merged, fit = align(student, teacher, setup.target, setup.train_data, train_cfg, lora=a.lora,
+                            rank=a.lora_rank, targets=a.lora_targets, trainable=a.trainable, adapters=a.adapters,
+                            weights=a.weights, evaluate_fn=setup.validate, metric=setup.metric,
+                            score_unaligned=a.score_unaligned, out_dir=step_dir / "align", resume=resume,
+                            progress=setup.progress, config_name="compress.alignment.train",
+                            on_checkpoint=setup.on_checkpoint)
+        align_record = AlignRecord(best_epoch=fit.best_epoch, epochs=fit.history, val_before=fit.initial)
+    else:  # drop-only: the student as dropped (best_epoch None: no fine-tune ran)
+        merged, align_record = student, AlignRecord(best_epoch=None)
     aligned = time.perf_counter()
     _enter(setup, step, VALIDATE)
     val, cost, times = dist.main_result(lambda: _validate_and_measure(setup, merged))
@@ -128,7 +133,7 @@ def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, hi
     record = StepRecord(
         step=step, dropped_original=list(selection.drop), kept_blocks=kept,
         blocks_dropped=len(history.teacher.kept_blocks) - len(kept), selection=selection,
-        align=AlignRecord(best_epoch=fit.best_epoch, epochs=fit.history, val_before=fit.initial),
+        align=align_record,
         val=val, cost=cost, time_s=round(time.perf_counter() - start, 1),
         timings={"selection_s": round(selected - start, 3), "align_s": round(aligned - selected, 3), **times})
     return merged, record

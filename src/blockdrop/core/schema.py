@@ -257,6 +257,9 @@ def _alignment_train() -> TrainConfig:
 class AlignmentConfig:
     """Step 3, the LoRA fine-tune of each step against the frozen teacher."""
 
+    # false: no recovery at all (drop-only, the "no fine-tune" baseline): each step's student is the
+    # model with the block removed, validated and measured; nothing below applies
+    enabled: bool = True
     lora: bool = True  # LoRA on the kept blocks' lora_targets; false: only the fully trained set below trains
     lora_rank: int | None = None  # default: (smallest in_features of the wrapped Linears) // 4, i.e. width / 4
     lora_targets: tuple[str, ...] | None = None  # Linears inside a block; default: the block's attention projections
@@ -267,10 +270,12 @@ class AlignmentConfig:
     weights: dict[str, float] = field(default_factory=dict)  # per loss term; unnamed terms weigh 1.0 (the released recipe)
     temperature: float = 3.5  # class distillation temperature
     score_unaligned: bool = True  # score the unaligned student (epoch 0) as a candidate: a step never gets worse
+    videos: int | None = None  # fine-tune on this many training videos, a seeded subset (None: all)
     train: TrainConfig = field(default_factory=_alignment_train)
 
     def __post_init__(self) -> None:
         _positive("lora_rank", self.lora_rank)
+        _positive("videos", self.videos)
         if not self.lora and (self.lora_rank is not None or self.lora_targets is not None):
             raise ValueError("'lora_rank' and 'lora_targets' set LoRA, which 'lora: false' switches off; "
                              "leave them out or set 'lora: true'")

@@ -209,6 +209,9 @@ def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: boo
                       repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment)
 
 
+DINOV2_POS_SIZE = 518  # pixels: DINOv2's pretrained position table (Dinov2Config.image_size)
+
+
 def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:
     dims = {k: v for k, v in (("depth", bb.depth), ("width", bb.width), ("heads", bb.heads)) if v is not None}
     if bb.kind == "sequence":
@@ -228,8 +231,10 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
             raise ConfigError(f"backbone: {err}") from None
         model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input)
     else:
+        # the learned position table is always DINOv2's own (518 px, 37 x 37 at patch 14), resized to the
+        # frames in the forward: a rebuilt model (no checkpoint) has the same parameters as an imported one
         model = vit.ClipVideoBackbone(
-            vit.dinov2_vit(bb.size or "S", bb.patch, img_size=data.frame_size, drop_path_rate=bb.drop_path, **dims),
+            vit.dinov2_vit(bb.size or "S", bb.patch, img_size=DINOV2_POS_SIZE, drop_path_rate=bb.drop_path, **dims),
             clip_len=bb.clip_len)
     if bb.grad_checkpointing:
         (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)

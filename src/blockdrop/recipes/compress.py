@@ -43,16 +43,22 @@ def measure_detector(model, cfg: ExperimentConfig, channels: int) -> Cost:
                 extra={"backbone_gmacs": count_macs(model.backbone, inputs)["gmacs"]})
 
 
+def video_subset(part, count: int | None, seed: int):
+    """The first ``count`` videos of ``part`` in a seeded order (all when None): selection and
+    alignment subsets of the same seed are prefixes of one order, so the smaller lies inside the larger."""
+    if count is None:
+        return part
+    chosen = set(np.random.default_rng(seed).permutation(sorted(part.videos))[:count].tolist())
+    return replace(part, videos={v: i for v, i in part.videos.items() if v in chosen})
+
+
 def selection_setup(cfg: ExperimentConfig, model, annotations=None, source=None):
     """(target, loader) over the selection split: training videos in test-mode windows (no
     augmentation), optionally a seeded subset of ``compress.selection.videos`` of them."""
     annotations = annotations or load_experiment_annotations(cfg.data)
     source = source or make_source(cfg.data, annotations)
-    part = split_annotations(cfg.data, annotations, cfg.train.seed)["train"]
-    if cfg.compress.selection.videos is not None:
-        ids = sorted(part.videos)
-        chosen = set(np.random.default_rng(cfg.train.seed).permutation(ids)[: cfg.compress.selection.videos].tolist())
-        part = replace(part, videos={v: i for v, i in part.videos.items() if v in chosen})
+    part = video_subset(split_annotations(cfg.data, annotations, cfg.train.seed)["train"],
+                        cfg.compress.selection.videos, cfg.train.seed)
     dataset = make_dataset(cfg, part, source, train=False, feature_stride=model.feature_stride)
     order = None
     if cfg.compress.selection.search == "halving":  # every round's slice samples all videos, not the first few
@@ -124,7 +130,8 @@ def _compress(cfg: ExperimentConfig, out: Path, device, teacher_model, builder: 
     parts = split_annotations(cfg.data, annotations, cfg.train.seed)
     stride = teacher_model.feature_stride
     selection_target, selection_loader = selection_setup(cfg, teacher_model, annotations, source)
-    train_ds = make_dataset(cfg, parts["train"], source, train=True, feature_stride=stride)
+    align_part = video_subset(parts["train"], cfg.compress.alignment.videos, cfg.train.seed)
+    train_ds = make_dataset(cfg, align_part, source, train=True, feature_stride=stride)
     val_ds = make_dataset(cfg, parts["val"], source, train=False, feature_stride=stride)
     channels = builder["in_channels"]
     train_loader = make_loader(train_ds, align_cfg.batch_size, shuffle=True, seed=align_cfg.seed,

@@ -122,8 +122,9 @@ def selection_text(step: StepRecord, top: int = 5) -> str:
 def alignment_cells(step: StepRecord) -> list[str]:
     """One step's alignment row: epochs trained, the kept epoch, each loss first -> last epoch."""
     epochs = [e for e in step.align.epochs if e.get("epoch", 0) >= 1]
-    if not epochs:
-        return [str(step.step), "-", str(step.align.best_epoch)] + ["-"] * len(LOSS_ORDER)
+    if not epochs:  # best_epoch None: no alignment ran (compress.alignment.enabled false, drop-only)
+        kept = "none (drop-only)" if step.align.best_epoch is None else str(step.align.best_epoch)
+        return [str(step.step), "-", kept] + ["-"] * len(LOSS_ORDER)
     first, last = epochs[0], epochs[-1]
     return [str(step.step), str(len(epochs)), str(step.align.best_epoch)] + [
         f"{_fmt(first.get(k), '.4g')} -> {_fmt(last.get(k), '.4g')}" for k in LOSS_ORDER]
