@@ -321,7 +321,7 @@ def reference(args, teacher, data: Data) -> Reference:
     target = make_target(teacher, data, 0.0, task=False)
     path = args.out / f"teacher_features_{args.size}{'_smoke' if args.smoke else ''}.pt"
     if path.is_file():
-        cache = torch.load(path)
+        cache = torch.load(path, weights_only=True)
     else:
         cache = {name: features(teacher, target, x, args.eval_batch)
                  for name, x in (("train", data.train_x), ("test", data.test_x), ("frames", data.test_frames))}

