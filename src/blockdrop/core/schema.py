@@ -80,8 +80,8 @@ class BackboneConfig:
     # checkpoint, whose adapters must all be there (docs/models.md, "AdaTAD adapters")
     checkpoint_format: Literal["hf_videomae", "mmaction", "adatad", "hf_dinov2", "onnx_dinov2"] | None = None
     grad_checkpointing: bool = False
-    # videomae only: "rgb" (VideoMAE) or "rgb_diff", the difference of consecutive normalised frames
-    # (TSN's RGB-difference modality); see docs/models.md
+    # videomae and dinov2: "rgb" (the frames) or "rgb_diff", the difference of consecutive normalised
+    # frames within a window (TSN's RGB-difference modality); see docs/models.md
     input: Literal["rgb", "rgb_diff"] = "rgb"
     spatial_pool: Literal["mean", "max"] = "mean"  # videomae only: tokens -> one feature per tubelet step
     # videomae only, AdaTAD temporal adapters: null (none), "all", or a list of block indices
@@ -91,9 +91,11 @@ class BackboneConfig:
     train_only_adapters: bool = False  # AdaTAD: the ViT stays frozen, only its adapters train
 
     def __post_init__(self) -> None:
+        if self.kind == "sequence" and self.input != "rgb":
+            raise ValueError(f"'input': {self.input!r} is for the video kinds (videomae, dinov2) only")
         if self.kind != "videomae":
-            for name, default in (("input", "rgb"), ("spatial_pool", "mean"), ("adapter_blocks", None),
-                                  ("adapter_ratio", 0.25), ("adapter_kernel", 3), ("train_only_adapters", False)):
+            for name, default in (("spatial_pool", "mean"), ("adapter_blocks", None), ("adapter_ratio", 0.25),
+                                  ("adapter_kernel", 3), ("train_only_adapters", False)):
                 if getattr(self, name) != default:
                     raise ValueError(f"'{name}': {getattr(self, name)!r} is for kind videomae only")
         self._check_adapters()

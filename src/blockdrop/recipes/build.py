@@ -235,7 +235,7 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
         # frames in the forward: a rebuilt model (no checkpoint) has the same parameters as an imported one
         model = vit.ClipVideoBackbone(
             vit.dinov2_vit(bb.size or "S", bb.patch, img_size=DINOV2_POS_SIZE, drop_path_rate=bb.drop_path, **dims),
-            clip_len=bb.clip_len)
+            clip_len=bb.clip_len, input_mode=bb.input)
     if bb.grad_checkpointing:
         (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)
     if bb.checkpoint is not None:
