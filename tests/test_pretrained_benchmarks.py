@@ -103,6 +103,20 @@ def test_dinov2_tad_smoke(tmp_path: Path, one_thread):
         assert len(run["dropped_original"]) == 1 and run["gmacs"] < record["teacher"]["gmacs"]
     assert [s["best_epoch"] for s in record["runs"]["drop_only"]["steps"]] == [None]
     assert record["runs"]["method_s0"]["steps"][0]["best_epoch"] in (0, 1)
+    assert record["runs"]["drop_only"]["steps"][0]["epochs_val_average_mAP"] == []
+    assert len(record["runs"]["method_s0"]["steps"][0]["epochs_val_average_mAP"]) == 1  # one alignment epoch
+    assert record["claim_alignment_over_none"] == bench.alignment_claim(
+        [record["runs"]["method_s0"]["test"]["average_mAP"]], record["runs"]["drop_only"])
+
+
+def test_dinov2_tad_alignment_claim_rule():
+    bench = _benchmark("dinov2_tad")
+    drop = {"test": {"average_mAP": 20.0}}
+    assert bench.alignment_claim([21.0, 25.0, 20.5], drop) == "supported"
+    assert bench.alignment_claim([19.0, 19.9], drop) == "refuted"
+    assert bench.alignment_claim([19.0, 22.0], drop) == "not separated"
+    assert bench.alignment_claim([20.0, 22.0], drop) == "not separated"  # a tie is not a win
+    assert bench.alignment_claim([], drop) is None and bench.alignment_claim([21.0], None) is None
 
 
 def test_dinov2_tad_features_smoke(tmp_path: Path, one_thread):
