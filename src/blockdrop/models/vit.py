@@ -299,10 +299,16 @@ class ClipVideoBackbone(nn.Module):
         x = x.permute(0, 4, 1, 2, 3).float()  # (B, T, H, W, 3) -> (B, 3, T, H, W)
         return (x - self.pixel_mean) / self.pixel_std
 
-    def embed(self, x: torch.Tensor):
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the ViT sees of a window (B, T, H, W, 3) uint8 or (B, 3, T, H, W): the normalised
+        frames, or for `input_mode` "rgb_diff" their consecutive differences (the first frame zeros)."""
         x = self.normalize(x)
         if self.input_mode == "rgb_diff":
             x = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+        return x
+
+    def embed(self, x: torch.Tensor):
+        x = self.model_input(x)
         batch, frames = x.shape[0], x.shape[2]
         if frames % self.clip_len:
             raise ValueError(f"window of {frames} frames is not a multiple of clip_len {self.clip_len}")
