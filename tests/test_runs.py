@@ -16,7 +16,7 @@ from blockdrop.cli import main
 from blockdrop.core.config import load_config
 from blockdrop.core.errors import RunFolderError
 from blockdrop.core.schema import ExperimentConfig
-from blockdrop.recipes.runs import RunFolder, config_changes, holds_a_run
+from blockdrop.recipes.runs import COMPRESS_RUN, RunFolder, config_changes, holds_a_run
 from blockdrop.recipes.train import train_experiment
 
 from conftest import tiny_config
@@ -42,8 +42,8 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, ca
     config = tiny_config(tmp_path, epochs=1)
     code = "\n".join([
         "import pathlib, time",
-        "from blockdrop.recipes.runs import RunFolder",
-        f"folder = RunFolder(pathlib.Path({str(tmp_path / 'run')!r}), resume=False, overwrite=False, sections=())",
+        "from blockdrop.recipes.runs import RunFolder, TRAIN_RUN",
+        f"folder = RunFolder(pathlib.Path({str(tmp_path / 'run')!r}), resume=False, overwrite=False, kind=TRAIN_RUN)",
         "folder._take_lock()",
         "print('locked', flush=True)",
         "time.sleep(60)"])
@@ -81,13 +81,13 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(trained, capsys):
 
 
 def test_resume_refuses_another_teacher(tmp_path):
-    folder = RunFolder(tmp_path / "c", resume=False, overwrite=False, sections=("compress",),
+    folder = RunFolder(tmp_path / "c", resume=False, overwrite=False, kind=COMPRESS_RUN,
                        identity={"teacher_sha256": "aaa"})
     cfg = load_config(ExperimentConfig, tiny_config(tmp_path))
     folder.open(cfg)
     (tmp_path / "c" / "history.json").write_text("{}")  # the run has state
     folder.close(failed=False)
-    again = RunFolder(tmp_path / "c", resume=True, overwrite=False, sections=("compress",),
+    again = RunFolder(tmp_path / "c", resume=True, overwrite=False, kind=COMPRESS_RUN,
                       identity={"teacher_sha256": "bbb"})
     with pytest.raises(RunFolderError, match=r"teacher_sha256 \(aaa -> bbb\)"):
         again.open(cfg)

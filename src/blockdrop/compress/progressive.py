@@ -18,7 +18,6 @@ ranks, while selection, validation and measurement run on rank 0 and their resul
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from blockdrop.compress.selection import Halving, select_block
 from blockdrop.compress.stack import drop_original, kept_blocks
 from blockdrop.core import distributed as dist
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import atomic_path, write_json
+from blockdrop.core.fileio import atomic_path, load_state, write_json
 from blockdrop.core.schema import CompressConfig
 from blockdrop.core.training import seed_everything, stage_seed
 
@@ -153,7 +152,8 @@ def _select(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, ste
     Rank 0 only: `run_step` hands the result to the other ranks."""
     path = step_dir / "selection.json"
     if path.exists():
-        return History.selection_from_json(json.loads(path.read_text()), str(path))
+        return History.selection_from_json(load_state(path, json_file=True, remedy="delete it to select again, or "
+                                                      "start over with --overwrite"), str(path))
     target = setup.selection_target if setup.selection_target is not None else setup.target
     sel = cfg.selection
     halving = Halving(sel.halving_first, sel.halving_keep) if sel.search == "halving" else None

@@ -27,7 +27,7 @@ from blockdrop.core.config import to_dict
 from blockdrop.recipes.build import (builder_config, check_data, check_experiment, example_window, load_detector,
                                      load_experiment_annotations, make_dataset, make_source, split_annotations)
 from blockdrop.recipes.report import write_report
-from blockdrop.recipes.runs import COMPRESS_SECTIONS, file_sha256, run_folder
+from blockdrop.recipes.runs import COMPRESS_RUN, file_sha256, run_folder
 from blockdrop.tad.inference import evaluate
 from blockdrop.tad.target import DetectorTarget
 
@@ -77,20 +77,21 @@ ARCHITECTURE_KEYS = {"data": ("kind", "window", "frame_size", "rate"),
 NOT_ARCHITECTURE = {"checkpoint", "checkpoint_format", "grad_checkpointing", "drop_path", "dropout"}
 
 
-def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path) -> None:
-    """The teacher must be the architecture the config describes, on the config's classes."""
+def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path, role: str = "teacher") -> None:
+    """The teacher (or another saved model: ``role``, its flag's name) must be the architecture the
+    config describes, on the config's classes."""
     teacher = to_dict(builder_config(builder, source=str(path)))
     mine = to_dict(cfg)
     differ = []
     for section, keys in ARCHITECTURE_KEYS.items():
         names = keys or sorted(set(teacher[section]) | set(mine[section]))
-        differ += [f"{section}.{k} (teacher {teacher[section].get(k)!r}, config {mine[section].get(k)!r})"
+        differ += [f"{section}.{k} ({role} {teacher[section].get(k)!r}, config {mine[section].get(k)!r})"
                    for k in names if k not in NOT_ARCHITECTURE and teacher[section].get(k) != mine[section].get(k)]
     if differ:
-        raise ConfigError(f"--teacher {path}: its architecture differs from the config in {'; '.join(differ)}; "
-                          f"use the config the teacher was trained with")
+        raise ConfigError(f"--{role} {path}: its architecture differs from the config in {'; '.join(differ)}; "
+                          f"use the config the {role} was trained with")
     if list(annotations.classes) != list(builder["classes"]):
-        raise ConfigError(f"--teacher {path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
+        raise ConfigError(f"--{role} {path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
 
 
 def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = None, out: str | Path | None = None,
@@ -114,7 +115,7 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
     identity = {"teacher_sha256": dist.main_result(lambda: file_sha256(teacher_path)),
                 "skipped_media": sorted(skipped)}
-    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=COMPRESS_SECTIONS, identity=identity,
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, kind=COMPRESS_RUN, identity=identity,
                     allow_changes=allow_config_change) as run:
         history = _compress(cfg, out, device, teacher_model.to(device), builder, annotations, source, resume,
                             progress, run.commit)

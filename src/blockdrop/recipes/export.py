@@ -23,7 +23,9 @@ window; outputs that differ from the eager model by more than ``tolerance`` are 
 nothing is written.
 
 Every file is written under its final name in a temporary folder next to ``out`` and moved into
-place after the check, so a file refers to its companions by the names they will have. An ONNX
+place after the check, so a file refers to its companions by the names they will have. What is
+already at ``out``, ``<out>.data`` or ``<out>.json`` is replaced only when it is an earlier export
+(the sidecar lists it); anything else there (a user's file, a folder, a device) is refused first. An ONNX
 graph holds its weights (protobuf caps a file at 2 GB); a model too large for that keeps them in
 ``<out>.data`` beside it. ``ExportResult.files`` lists everything written: ship those files.
 """
@@ -34,7 +36,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import atomic_write_text
+from blockdrop.core.fileio import new_temporary, atomic_write_text, check_output_file
 from blockdrop.recipes.build import builder_config, example_window, load_detector
 
 FORMATS = ("pt2", "onnx")
@@ -129,7 +130,7 @@ def _staged_files(out: Path):
     block succeeds each is moved next to ``out`` under its own name, companions before the main
     file (so it never points at a missing one), and ``moved`` lists them; on failure nothing moves."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    folder = new_temporary(out.parent, out.name, folder=True)
     moved: list[Path] = []
     try:
         yield folder, moved
@@ -142,6 +143,25 @@ def _staged_files(out: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _earlier_export(out: Path) -> set[str]:
+    """The names an earlier export to ``out`` wrote (its sidecar lists them, itself included)."""
+    sidecar = out.with_name(out.name + ".json")
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        return {str(name) for name in record["files"]} | {sidecar.name} if "format" in record else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def check_export_out(out: Path) -> None:
+    """Refuse ``--out`` before any work when a file the export would write is not an earlier
+    export's: a user's own file, a folder, a device."""
+    ours = _earlier_export(out)
+    for path in (out, out.with_name(out.name + ".data"), out.with_name(out.name + ".json")):
+        check_output_file(path, "--out", ours=lambda p, name=path.name: name in ours,
+                          what=f"a file an earlier export to {out.name} wrote")
+
+
 def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2", batch: int = 1,
                     tolerance: float = 1e-4) -> ExportResult:
     """Export ``checkpoint`` (a `train` or `compress` model.safetensors) to ``out``."""
@@ -151,6 +171,7 @@ def export_detector(checkpoint: str | Path, out: str | Path, *, fmt: str = "pt2"
     if batch < 1:
         raise BlockdropError(f"--batch must be at least 1, got {batch}")
     checkpoint, out = Path(checkpoint), Path(out)
+    check_export_out(out)
     if not checkpoint.is_file():
         raise BlockdropError(f"checkpoint {checkpoint}: file not found (a model.safetensors from train or compress)")
     model, builder = load_detector(checkpoint)

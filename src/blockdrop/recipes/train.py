@@ -22,7 +22,7 @@ from blockdrop.data.dataset import collate_windows
 from blockdrop.recipes.build import (build_detector, check_data, check_experiment, data_fingerprint, detector_builder,
                                      input_channels, load_experiment_annotations, make_dataset, make_source,
                                      software_versions, split_annotations)
-from blockdrop.recipes.runs import MODEL_FILE, TRAIN_SECTIONS, run_folder
+from blockdrop.recipes.runs import MODEL_FILE, TRAIN_RUN, run_folder
 from blockdrop.tad.inference import evaluate
 
 
@@ -57,7 +57,7 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
-    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=TRAIN_SECTIONS,
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, kind=TRAIN_RUN,
                     identity={"skipped_media": sorted(skipped)}, allow_changes=allow_config_change) as run:
         return _train(cfg, out, device, annotations, source, skipped, resume, progress, run.commit)
 
