@@ -173,6 +173,19 @@ def _failed_write(err: BaseException, path: Path, tmp: Path, size) -> BaseExcept
 
 # ---- writing --------------------------------------------------------------------------------------
 
+def temporary_beside(path: Path, *, folder: bool = False, suffix: str = "") -> Path:
+    """A new temporary file (or folder) beside ``path``, to be renamed onto it; a folder that cannot
+    hold it is an error naming ``path``, not the temporary name."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return new_temporary(path.parent, path.name, suffix, folder=folder)
+    except OSError as err:
+        if out_of_space(err):
+            raise disk_full(path, None) from None
+        raise OutputError(f"{path}: cannot write there ({err.strerror}); fix the permissions or choose another "
+                          f"path") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "", *, size: int | Callable[[], int] | None = None):
     """Yield a new temporary file next to ``path`` to write; when the block succeeds it is
@@ -182,14 +195,7 @@ def atomic_path(path: str | Path, suffix: str = "", *, size: int | Callable[[], 
     or a function giving them) is the file's full size, for the message when the disk is full."""
     given = Path(path)
     path = output_target(given)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = new_temporary(path.parent, path.name, suffix)
-    except OSError as err:
-        if out_of_space(err):
-            raise disk_full(path, size if isinstance(size, int) else None) from None
-        raise OutputError(f"{given}: cannot write there ({err.strerror}); fix the permissions or choose another "
-                          f"path") from None
+    tmp = temporary_beside(path, suffix=suffix)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # a writer that replaced the file (safetensors does) made it 0600
@@ -332,8 +338,7 @@ def _publish(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def staged_folder(out: Path):
     """Yield a temporary sibling of ``out`` to fill; it replaces ``out`` only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temporary(out.parent, out.name, folder=True)
+    tmp = temporary_beside(out, folder=True)
     try:
         yield tmp
         _publish(tmp, out)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import new_temporary, atomic_write_text, check_output_file
+from blockdrop.core.fileio import atomic_write_text, check_output_file, temporary_beside
 from blockdrop.recipes.build import builder_config, example_window, load_detector
 
 FORMATS = ("pt2", "onnx")
@@ -129,8 +129,7 @@ def _staged_files(out: Path):
     """Yield ``(folder, moved)``: write ``folder / out.name`` and any companion files there. When the
     block succeeds each is moved next to ``out`` under its own name, companions before the main
     file (so it never points at a missing one), and ``moved`` lists them; on failure nothing moves."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = new_temporary(out.parent, out.name, folder=True)
+    folder = temporary_beside(out, folder=True)
     moved: list[Path] = []
     try:
         yield folder, moved
