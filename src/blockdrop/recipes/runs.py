@@ -148,6 +148,7 @@ class RunFolder:
         self.lock_path = self.out.parent / f".{self.out.name}.lock"
         self.previous = self.out.parent / f".{self.out.name}.previous"
         self.created, self.prepared, self.committed, self._lock = False, False, False, None
+        self.continuing = False  # a --resume of a run the folder holds
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -166,6 +167,7 @@ class RunFolder:
         if self.resume and holds_a_run(self.out):
             self._check_kind()
             self._check_resume(cfg)
+            self.continuing = True
             return
         if holds_a_run(self.out):
             self._set_aside()
@@ -291,13 +293,13 @@ class RunFolder:
             return
         if self.previous.exists():
             self._put_back()
-        elif self.committed:
+        elif self.committed or self.continuing:
             return
-        elif self.created and not holds_a_run(self.out):
+        elif self.created:
             shutil.rmtree(self.out, ignore_errors=True)
-        elif not self.resume and not holds_a_run(self.out):
-            for name in NOT_A_RUN:
-                (self.out / name).unlink(missing_ok=True)
+        else:  # the folder held no run when this one started: what is in it now is this run's
+            for path in self.out.iterdir():
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _read_holder(fd: int) -> str:
