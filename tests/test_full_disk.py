@@ -196,7 +196,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(world, tmp_path, name, plan, 
     disk = tmp_path / "disk"
     argvs = [([str(disk / "run") if a == "RUN" else a for a in argv], free) for argv, free, _ in steps]
     results, report = on_small_disk(tmp_path, argvs)
-    for i, ((_, free, expected), result) in enumerate(zip(steps, results)):
+    for i, ((*_, expected), result) in enumerate(zip(steps, results)):
         err, after = result["stderr"], report / f"after_{i}" / "run"
         if expected == "ok":
             assert result["rc"] == 0, (i, err[-3000:])
