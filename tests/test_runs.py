@@ -1,9 +1,12 @@
 """Run folders: the lock, a resume that checks what it resumes, an --overwrite that never loses
 the previous run, failed starts that leave nothing behind, and temporary files cleaned up."""
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,9 +17,10 @@ import torch
 
 from blockdrop.cli import main
 from blockdrop.core.config import load_config
-from blockdrop.core.errors import RunFolderError
+from blockdrop.core.errors import ConfigError, RunFolderError
+from blockdrop.core.fileio import is_temporary
 from blockdrop.core.schema import ExperimentConfig
-from blockdrop.recipes.runs import COMPRESS_RUN, RunFolder, config_changes, holds_a_run
+from blockdrop.recipes.runs import COMPRESS_RUN, TRAIN_RUN, RunFolder, config_changes, holds_a_run
 from blockdrop.recipes.train import train_experiment
 
 from conftest import tiny_config
@@ -158,3 +162,209 @@ def test_outputs_are_written_with_ordinary_permissions(trained):
     for path in run.iterdir():
         if path.is_file():
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+# ---- issue 25: the previous run comes back until the new one has finished ---------------------------
+
+SAVE_STATE = "blockdrop.core.training._save_state"
+
+
+def fail_after_states(monkeypatch, states: int, failure) -> None:
+    """Once ``states`` resumable states have been saved, the next training step fails (``failure``:
+    'diverge' makes the loss non-finite, the real TrainingError path; 'interrupt' is a Ctrl-C)."""
+    import blockdrop.core.training as training
+
+    saved, real_save, real_step = [], training._save_state, training._train_step
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saved.append(1)
+
+    def step(model, loss_fn, *args, **kwargs):
+        if len(saved) >= states:
+            if failure == "interrupt":
+                raise KeyboardInterrupt
+            return real_step(model, lambda m, b: {k: v * float("nan") for k, v in loss_fn(m, b).items()}, *args,
+                             **kwargs)
+        return real_step(model, loss_fn, *args, **kwargs)
+
+    monkeypatch.setattr(SAVE_STATE, save)
+    monkeypatch.setattr("blockdrop.core.training._train_step", step)
+
+
+def leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in run.parent.iterdir() if p.name.startswith(f".{run.name}.")
+                  and not p.name.endswith(".lock"))
+
+
+@pytest.mark.parametrize("failure,code,message", [("diverge", 2, "went non-finite at epoch 2"),
+                                                  ("interrupt", 130, "interrupted")])
+def test_an_overwrite_failing_after_its_first_epoch_restores_the_previous_run(trained, capsys, monkeypatch,
+                                                                             failure, code, message):
+    config, run = trained
+    before = digest(run)
+    fail_after_states(monkeypatch, 1, failure)
+    assert main(["train", str(config), "--overwrite", "--set", "train.epochs=2", "--quiet"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert digest(run) == before and leftovers(run) == []
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A teacher and a finished two-step compression run."""
+    tmp = tmp_path_factory.mktemp("compressed")
+    config = tiny_config(tmp, epochs=1, threads=1)
+    train_experiment(load_config(ExperimentConfig, config, ["backbone.depth=3"]), out=tmp / "teacher", progress=False)
+    argv = ["compress", str(config), "--teacher", str(tmp / "teacher" / "model.safetensors"), "--out",
+            str(tmp / "run"), "--quiet"]
+    argv += [a for item in COMPRESS for a in ("--set", item)]
+    assert main(argv) == 0
+    return argv, tmp / "run"
+
+
+COMPRESS = ["backbone.depth=3", "compress.stopping.max_blocks=2", "compress.selection.block_metric=average_mAP",
+            "compress.alignment.train.epochs=2", "compress.alignment.train.warmup_epochs=0",
+            "compress.alignment.train.ema_decay=0", "compress.latency_threads=1"]
+
+
+@pytest.mark.parametrize("moment", ["step 2's second epoch", "the report"])
+def test_a_compress_overwrite_failing_in_its_last_step_restores_the_previous_run(compressed, capsys, monkeypatch,
+                                                                                 moment):
+    argv, run = compressed
+    before = digest(run)
+    if moment == "the report":  # the very last write of the run: the disk is full
+        def full(path, text):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        monkeypatch.setattr("blockdrop.recipes.report.atomic_write_text", full)
+    else:  # step 1 saved 2 alignment states, step 2 one: the loss diverges after them
+        fail_after_states(monkeypatch, 3, "diverge")
+    assert main([*argv, "--overwrite", "--set", "compress.alignment.train.seed=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "No space left on device" if moment == "the report" else "went non-finite at epoch 2"
+    assert len(err) == 1 and expected in err[0], err
+    assert digest(run) == before and leftovers(run) == []
+
+
+def test_an_overwrite_killed_after_its_first_epoch_is_undone_at_the_next_start(trained, capsys):
+    config, run = trained
+    before = digest(run)
+    code = textwrap.dedent(f"""
+        import os, signal
+        import blockdrop.core.training as training
+        real, saved = training._save_state, []
+        def save(*args, **kwargs):  # the kill lands after the new run saved its first state
+            real(*args, **kwargs)
+            saved.append(1)
+            if len(saved) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        training._save_state = save
+        from blockdrop.cli import main
+        main(["train", {str(config)!r}, "--overwrite", "--set", "train.epochs=3", "--quiet"])
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert digest(run.parent / ".run.previous") == before
+    assert "epochs: 3" in (run / "config.yaml").read_text()  # the unfinished new run, two epochs in
+    assert main(["train", str(config), "--quiet"]) == 2  # any start puts the previous run back first
+    err = capsys.readouterr().err
+    assert "restored" in err and "holds a run" in err
+    assert digest(run) == before and leftovers(run) == []
+
+
+def test_an_overwrite_through_a_link_replaces_the_real_folder_and_keeps_the_link(trained, capsys):
+    config, run = trained
+    link = run.parent / "link"
+    link.symlink_to(run)
+    assert main(["train", str(config), "--out", str(link), "--overwrite", "--set", "train.seed=1", "--quiet"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(run) and run.is_dir() and not run.is_symlink()
+    assert "seed: 1" in (run / "config.yaml").read_text() and leftovers(run) == []
+    assert json.loads((run / "run.json").read_text())["kind"] == "train"
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--resume and --overwrite exclude each other"):
+        RunFolder(tmp_path / "run", kind=TRAIN_RUN, resume=True, overwrite=True)
+
+
+def _drop_privileges() -> list[str] | None:
+    """A prefix that runs a command without the power to write where permissions forbid it: as is for
+    an ordinary user; for root, without the capabilities that override file permissions."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_a_read_only_previous_run_is_refused_before_anything_moves(trained):
+    config, run = trained
+    prefix = _drop_privileges()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    before = digest(run)
+    for path in [run, *run.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "blockdrop", "train", str(config), "--overwrite",
+                               "--quiet"], capture_output=True, text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+        assert f"--overwrite {run}: {run} is read-only" in lines[0] and "make it writable" in lines[0]
+        assert digest(run) == before and leftovers(run) == []
+    finally:
+        for path in [run, *run.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+# ---- issue 25: one lock per real folder, whatever its name ------------------------------------------
+
+@pytest.mark.parametrize("first,second", [("run", "link"), ("link", "sub/../run")])
+def test_two_names_of_one_folder_share_its_lock(tmp_path, capsys, first, second):
+    config = tiny_config(tmp_path, epochs=1)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    (tmp_path / "sub").mkdir()
+    code = textwrap.dedent(f"""
+        import sys, time
+        import blockdrop.recipes.train as recipe
+        def fit(*args, **kwargs):  # the run holds its folder while it trains
+            print("training", flush=True)
+            time.sleep(120)
+        recipe.fit = fit
+        from blockdrop.cli import main
+        sys.argv = ["blockdrop", "train", {str(config)!r}, "--out", {str(tmp_path / first)!r}, "--quiet"]
+        main()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training"
+        assert main(["train", str(config), "--out", str(tmp_path / second), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tmp_path / second}: in use by pid {holder.pid} on " in err[0], err
+        assert f"running on {tmp_path / 'run'}" in err[0] and f"--out {tmp_path / first}" in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_report_killed_mid_write_leaves_only_what_the_next_start_removes(compressed):
+    argv, run = compressed
+    code = textwrap.dedent(f"""
+        import contextlib, os, signal
+        import blockdrop.recipes.report as report
+        real = report.atomic_path
+        @contextlib.contextmanager
+        def dying(path, *args, **kwargs):  # SIGTERM with the first figure written to its temporary
+            with real(path, *args, **kwargs) as tmp:
+                yield tmp
+                os.kill(os.getpid(), signal.SIGTERM)
+        report.atomic_path = dying
+        from blockdrop.cli import main
+        main(["report", {str(run)!r}])
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGTERM, killed.stderr[-2000:]
+    left = [p for p in run.iterdir() if p.name.startswith(".report")]
+    assert len(left) == 1 and left[0].suffix == ".png" and is_temporary(left[0]), left
+    assert main([*argv, "--resume"]) == 0  # the next start cleans up
+    assert not [p for p in run.rglob("*") if is_temporary(p)]
