@@ -279,11 +279,18 @@ class RunFolder:
             if failed:
                 self._undo()
             elif self.previous.exists():  # the new run finished: now the previous one may go
-                _remove_aside(self.previous, "replaced")
+                self._drop_previous()
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # releases the flock
                 self._lock = None
+
+    def _drop_previous(self) -> None:
+        try:
+            _remove_aside(self.previous, "replaced")
+        except OSError as err:  # the new run is complete: say what is left, do not fail it
+            print(f"blockdrop: warning: the run {self.given} replaced is still in {self.previous} "
+                  f"({err.strerror}); delete it by hand, or the next start puts it back", file=sys.stderr)
 
     def _undo(self) -> None:
         """A failed run: an --overwrite puts the previous run back; a fresh run that saved no state
