@@ -258,3 +258,22 @@ def test_two_names_of_one_folder_share_its_lock(tmp_path, capsys, first, second)
         holder.kill()
         holder.wait()
 
+
+
+def test_a_lock_just_taken_is_refused_with_its_holder_named_not_a_blank(tmp_path):
+    """Two starts at once: the second may find the lock before the first wrote who it is; it waits
+    for that line instead of saying "another process"."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / ".run.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, its line not yet written
+    writer = threading.Timer(0.3, lambda: os.write(fd, b"pid 4242 on host since now, running on x (blockdrop train)"))
+    writer.start()
+    try:
+        with pytest.raises(RunFolderError, match=r"run: in use by pid 4242 on host .*\(blockdrop train\)"):
+            RunFolder(tmp_path / "run", kind=TRAIN_RUN, resume=True, overwrite=False)._take_lock()
+    finally:
+        writer.join()
+        os.close(fd)
