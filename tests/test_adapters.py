@@ -165,7 +165,7 @@ def test_export_gives_back_opentad_keys(adatad_s_checkpoint):
     for key, value in original.items():
         if "fc_norm" not in key:  # unused by the feature path: exported as an identity
             torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-6, msg=key)
-    assert opentad_backbone_args(model) == {"embed_dims": 384, "depth": 12, "num_heads": 6,
+    assert opentad_backbone_args(model) == {"embed_dims": 384, "depth": 12, "num_heads": 6, "img_size": 224,
                                             "adapter_index": list(range(12))}
 
 

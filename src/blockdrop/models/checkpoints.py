@@ -264,9 +264,12 @@ def export_mmaction_videomae(model: nn.Module, *, prefix: str = "backbone.", sty
 
 def opentad_backbone_args(model: nn.Module) -> dict:
     """OpenTAD `VisionTransformerAdapter` arguments for the exported model: the CURRENT depth and the
-    current positions of the adapted blocks (`adapter_index`), so a block-dropped model rebuilds there."""
+    current positions of the adapted blocks (`adapter_index`), so a block-dropped model rebuilds there,
+    and `img_size`, the pixels its sin-cos position table is laid out for (224 for a model from
+    pretrained weights; the frame size for one trained from scratch)."""
     vit = _vit(model)
     return {"embed_dims": vit.width, "depth": vit.depth, "num_heads": vit.blocks[0].attn.heads,
+            "img_size": vit.tokenizer.pos_grid[0] * vit.tokenizer.patch,
             "adapter_index": [i for i, block in enumerate(vit.blocks) if block.adapter is not None]}
 
 

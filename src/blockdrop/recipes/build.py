@@ -73,8 +73,7 @@ def _num_classes(cfg: ExperimentConfig) -> int:
 def check_experiment(cfg: ExperimentConfig, source: str = "config") -> None:
     """What a config says that only the model can check, named by flag; raises ConfigError."""
     with torch.device("meta"):  # shapes and names only: no memory, no weights read
-        model = build_detector(replace(cfg, backbone=replace(cfg.backbone, checkpoint=None)),
-                               _num_classes(cfg), 3 if cfg.data.kind == "video" else 1)
+        model = build_detector(without_checkpoint(cfg), _num_classes(cfg), 3 if cfg.data.kind == "video" else 1)
     a, stop = cfg.compress.alignment, cfg.compress.stopping
     trainable = a.trainable if a.trainable is not None else DETECTOR_TRAINABLE
     try:
@@ -206,10 +205,32 @@ def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: boo
     stride = feature_stride if float(feature_stride).is_integer() else 1
     return TADDataset(part, source, window=cfg.data.window, train=train, stride=cfg.data.test_stride,
                       feature_stride=int(stride), seed=cfg.train.seed, min_keep=cfg.data.min_keep,
-                      repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment)
+                      repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment,
+                      tail_pad=cfg.data.tail_pad)
 
 
 DINOV2_POS_SIZE = 518  # pixels: DINOv2's pretrained position table (Dinov2Config.image_size)
+VIDEOMAE_POS_SIZE = 224  # pixels: VideoMAE's pretrained sin-cos table (14 x 14 patches of 16 px)
+
+
+def resolve_architecture(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every architecture default that depends on other keys made explicit.
+
+    A VideoMAE's position table is laid out at 224 px when a pretrained checkpoint is loaded (and
+    resized to the frames), else at the frame size. The choice must outlive the checkpoint path:
+    a saved model rebuilds without it (``build_from_builder``), so the builder records this
+    resolved config, and a model built from a checkpoint gets the same table when it is reloaded.
+    """
+    bb = cfg.backbone
+    if bb.kind == "videomae" and bb.pos_size is None:
+        bb = replace(bb, pos_size=VIDEOMAE_POS_SIZE if bb.checkpoint else cfg.data.frame_size)
+    return replace(cfg, backbone=bb)
+
+
+def without_checkpoint(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same architecture, with nothing read from disk: the resolved config minus the checkpoint."""
+    cfg = resolve_architecture(cfg)
+    return replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
 
 
 def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:
@@ -221,21 +242,23 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
         model = vit.sequence_vit(in_channels, bb.patch, **dims, drop_path_rate=bb.drop_path,
                                  max_len=data.window // bb.patch)
     elif bb.kind == "videomae":
-        pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
+        if bb.pos_size is None:
+            raise ValueError("build_backbone needs a resolved config (recipes.build.resolve_architecture)")
         try:
             video_vit = vit.videomae_vit(bb.size or "S", num_frames=bb.clip_len, patch=bb.patch,
-                                         tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
+                                         tubelet=bb.tubelet, pos_img_size=bb.pos_size, spatial_pool=bb.spatial_pool,
                                          drop_path_rate=bb.drop_path, adapter_blocks=bb.adapter_blocks,
                                          adapter_ratio=bb.adapter_ratio, adapter_kernel=bb.adapter_kernel, **dims)
         except ConfigError as err:  # adapter_blocks meets the depth only here
             raise ConfigError(f"backbone: {err}") from None
-        model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input)
+        model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input,
+                                      feature_stride=bb.feature_stride)
     else:
         # the learned position table is always DINOv2's own (518 px, 37 x 37 at patch 14), resized to the
         # frames in the forward: a rebuilt model (no checkpoint) has the same parameters as an imported one
         model = vit.ClipVideoBackbone(
             vit.dinov2_vit(bb.size or "S", bb.patch, img_size=DINOV2_POS_SIZE, drop_path_rate=bb.drop_path, **dims),
-            clip_len=bb.clip_len, input_mode=bb.input)
+            clip_len=bb.clip_len, input_mode=bb.input, feature_stride=bb.feature_stride)
     if bb.grad_checkpointing:
         (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)
     if bb.checkpoint is not None:
@@ -269,14 +292,16 @@ def build_head(head: HeadConfig, in_channels: int, num_classes: int, max_seq_len
 
 def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) -> nn.Module:
     """Backbone + ActionFormer head for windows of ``cfg.data.window`` input steps."""
+    cfg = resolve_architecture(cfg)
     backbone = build_backbone(cfg.backbone, cfg.data, in_channels)
     max_seq_len = int(round(cfg.data.window / backbone.feature_stride))
     return Detector(backbone, build_head(cfg.head, backbone.out_channels, num_classes, max_seq_len))
 
 
 def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
-    """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture."""
-    return {"kind": "blockdrop.detector", "config": to_dict(cfg), "classes": list(classes),
+    """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture
+    (the resolved config: nothing depends on the checkpoint path, which is not re-read)."""
+    return {"kind": "blockdrop.detector", "config": to_dict(resolve_architecture(cfg)), "classes": list(classes),
             "in_channels": int(in_channels)}
 
 
@@ -293,9 +318,11 @@ def builder_config(builder: dict, source: str = "checkpoint metadata") -> Experi
 
 
 def build_from_builder(builder: dict) -> nn.Module:
-    """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow)."""
-    cfg = builder_config(builder)
-    cfg = replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
+    """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow).
+
+    Resolved before the checkpoint is dropped, so a model saved before the builder recorded its
+    position table (a VideoMAE built from a pretrained checkpoint) still rebuilds with the 224 px one."""
+    cfg = without_checkpoint(builder_config(builder))
     model = build_detector(cfg, len(builder["classes"]), builder["in_channels"])
     if builder.get("widths"):  # a width-pruned model (compress.width.with_widths)
         apply_widths(model, builder["widths"], stack="backbone.blocks")

@@ -25,6 +25,7 @@ from blockdrop.core.training import check_schedule, make_loader
 from blockdrop.data.dataset import collate_windows
 from blockdrop.core.config import to_dict
 from blockdrop.recipes.build import (builder_config, check_data, check_experiment, example_window, load_detector,
+                                     resolve_architecture,
                                      load_experiment_annotations, make_dataset, make_source, split_annotations)
 from blockdrop.recipes.report import write_report
 from blockdrop.recipes.runs import COMPRESS_SECTIONS, file_sha256, run_folder
@@ -79,8 +80,8 @@ NOT_ARCHITECTURE = {"checkpoint", "checkpoint_format", "grad_checkpointing", "dr
 
 def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path) -> None:
     """The teacher must be the architecture the config describes, on the config's classes."""
-    teacher = to_dict(builder_config(builder, source=str(path)))
-    mine = to_dict(cfg)
+    teacher = to_dict(resolve_architecture(builder_config(builder, source=str(path))))
+    mine = to_dict(resolve_architecture(cfg))
     differ = []
     for section, keys in ARCHITECTURE_KEYS.items():
         names = keys or sorted(set(teacher[section]) | set(mine[section]))
