@@ -184,11 +184,13 @@ def _subset(annotations: Annotations, name: str, data: DataConfig) -> Annotation
 def split_annotations(data: DataConfig, annotations: Annotations, seed: int) -> dict[str, Annotations]:
     """{"train", "val", "test"} parts. With ``val_subset: null`` the validation videos are a
     seeded random ``val_fraction`` of the training subset (THUMOS14 has no validation split, and
-    selecting on test would leak), removed from training."""
+    selecting on test would leak), removed from training. "train" holds what training can see
+    (``Annotations.for_training``: segments past a video's duration dropped or clipped, counted in
+    its ``trimmed``); "val" and "test" keep every segment as written, as the evaluators score them."""
     train = _subset(annotations, data.train_subset, data)
     test = _subset(annotations, data.test_subset, data)
     if data.val_subset is not None:
-        return {"train": train, "val": _subset(annotations, data.val_subset, data), "test": test}
+        return {"train": train.for_training(), "val": _subset(annotations, data.val_subset, data), "test": test}
     ids = sorted(train.videos)
     count = max(1, round(len(ids) * data.val_fraction))
     if count >= len(ids):
@@ -196,7 +198,36 @@ def split_annotations(data: DataConfig, annotations: Annotations, seed: int) -> 
     held = set(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
     keep = {vid: info for vid, info in train.videos.items() if vid not in held}
     val = {vid: info for vid, info in train.videos.items() if vid in held}
-    return {"train": replace(train, videos=keep), "val": replace(train, videos=val), "test": test}
+    return {"train": replace(train, videos=keep).for_training(), "val": replace(train, videos=val), "test": test}
+
+
+def describe_annotations(data: DataConfig, annotations: Annotations, seed: int, shown: int = 5) -> list[str]:
+    """What `blockdrop data check` says of the annotation file: its size, the segments past their
+    video's duration (kept for evaluation) and what training makes of them."""
+    total = sum(len(v.segments) for v in annotations.videos.values())
+    lines = [f"{Path(data.root) / data.annotations}: {len(annotations.videos)} videos, {total} segments, "
+             f"{len(annotations.classes)} classes"]
+    past = annotations.past_duration()
+    if past:
+        named = ", ".join(f"{vid} [{seg.start:g}, {seg.end:g}] s (duration {annotations.videos[vid].duration:g} s)"
+                          for vid, _, seg in past[:shown])
+        more = f" and {len(past) - shown} more" if len(past) > shown else ""
+        lines.append(f"{len(past)} segment(s) in {len({vid for vid, _, _ in past})} video(s) lie past their video's "
+                     f"duration, kept for evaluation as ActionFormer's and OpenTAD's evaluators keep them: "
+                     f"{named}{more}")
+    train = training_record(split_annotations(data, annotations, seed))
+    lines.append(f"training ({data.train_subset}): {train['videos']} videos, {train['segments']} segments; "
+                 f"{train.get('dropped_past_duration', 0)} dropped (they start at or after the duration), "
+                 f"{train.get('clipped_to_duration', 0)} clipped to it")
+    return lines
+
+
+def training_record(parts: dict[str, Annotations]) -> dict:
+    """What a run's record says of the training annotations: videos, segments, and how many segments
+    past their video's duration training dropped or clipped."""
+    train = parts["train"]
+    record = {"videos": len(train.videos), "segments": sum(len(v.segments) for v in train.videos.values())}
+    return record | (train.trimmed.as_dict() if train.trimmed else {})
 
 
 def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: bool,

@@ -25,8 +25,8 @@ from blockdrop.core.training import check_schedule, make_loader
 from blockdrop.data.dataset import collate_windows
 from blockdrop.core.config import to_dict
 from blockdrop.recipes.build import (builder_config, check_data, check_experiment, example_window, load_detector,
-                                     resolve_architecture,
-                                     load_experiment_annotations, make_dataset, make_source, split_annotations)
+                                     load_experiment_annotations, make_dataset, make_source, resolve_architecture,
+                                     split_annotations, training_record)
 from blockdrop.recipes.report import write_report
 from blockdrop.recipes.runs import COMPRESS_SECTIONS, file_sha256, run_folder
 from blockdrop.tad.inference import evaluate
@@ -114,7 +114,8 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     source = make_source(cfg.data, annotations)
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
     identity = {"teacher_sha256": dist.main_result(lambda: file_sha256(teacher_path)),
-                "skipped_media": sorted(skipped)}
+                "skipped_media": sorted(skipped),
+                "train_annotations": training_record(split_annotations(cfg.data, annotations, cfg.train.seed))}
     with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=COMPRESS_SECTIONS, identity=identity,
                     allow_changes=allow_config_change) as run:
         history = _compress(cfg, out, device, teacher_model.to(device), builder, annotations, source, resume,
