@@ -29,7 +29,7 @@ from blockdrop.compress.saving import load_compressed, read_compressed_metadata
 from blockdrop.compress.stack import find_block_stack
 from blockdrop.compress.width import apply_widths
 from blockdrop.core.config import from_dict, load_config, to_dict
-from blockdrop.core.errors import BlockdropError, ConfigError, DataError
+from blockdrop.core.errors import BlockdropError, CheckpointError, ConfigError, DataError
 from blockdrop.core.schema import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
 from blockdrop.data.annotations import Annotations, get_preset, load_annotations
 from blockdrop.data.check import check_media, describe_problems
@@ -308,7 +308,16 @@ def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
     state = checkpoints.load_checkpoint_file(bb.checkpoint)
     if bb.checkpoint_format in ("mmaction", "adatad"):  # a plain VideoMAE gets fresh adapters
         adapters = "checkpoint" if bb.checkpoint_format == "adatad" else "fresh"
-        checkpoints.load_mmaction_videomae(vit_model, state, adapters=adapters)
+        where = f"backbone.checkpoint {bb.checkpoint} (backbone.checkpoint_format: {bb.checkpoint_format})"
+        try:
+            checkpoints.load_mmaction_videomae(vit_model, state, adapters=adapters)
+        except checkpoints.NoAdaptersInCheckpoint as err:
+            raise ConfigError(f"{where}: {err}; for a pretrained VideoMAE (the adapters then start as the "
+                              f"identity) set backbone.checkpoint_format: mmaction") from None
+        except checkpoints.AdaptersInCheckpoint as err:
+            raise ConfigError(f"{where}: {err}; for an AdaTAD detector trained by OpenTAD set "
+                              f"backbone.checkpoint_format: adatad (backbone.adapter_blocks must match its "
+                              f"adapters)") from None
         return
     loader = {"hf_videomae": checkpoints.load_hf_videomae, "hf_dinov2": checkpoints.load_hf_dinov2}[bb.checkpoint_format]
     loader(vit_model, state)
@@ -360,9 +369,34 @@ def build_from_builder(builder: dict) -> nn.Module:
     return model
 
 
-def load_detector(path: str | Path) -> tuple[nn.Module, dict]:
+def _file_kind(path: Path) -> str:
+    """"safetensors", "torch" (a torch.save zip or pickle: an OpenTAD / mmaction .pth) or "unknown",
+    from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return "unknown"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:3] == b"\x80\x02\x8a":  # torch.save: zip, or the legacy pickle's magic
+        return "torch"
+    return "unknown"
+
+
+def load_detector(path: str | Path, flag: str = "the model file") -> tuple[nn.Module, dict]:
     """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed):
-    (model, builder)."""
+    (model, builder). ``flag`` names where the user gave the path, for the error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path}: no such file (a model.safetensors written by `blockdrop train` or "
+                              f"`blockdrop compress`)")
+    if _file_kind(path) == "torch":
+        raise CheckpointError(
+            f"{flag} {path}: a PyTorch checkpoint (.pth), not a blockdrop model: this takes the model.safetensors "
+            f"that `blockdrop train` or `blockdrop compress` writes. An OpenTAD or mmaction file comes in as a "
+            f"backbone: --set backbone.checkpoint={path} --set backbone.checkpoint_format=adatad (an AdaTAD "
+            f"detector; mmaction for pretrained VideoMAE weights), then `blockdrop train` (docs/opentad.md)")
     model = load_compressed(path, build_from_builder)
     return model, read_compressed_metadata(path).builder
 

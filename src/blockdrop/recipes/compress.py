@@ -109,7 +109,7 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     out = Path(out or cfg.output)
     device = dist.init_from_env()  # first: rank is only known once the process group is up
     annotations = load_experiment_annotations(cfg.data)
-    teacher_model, builder = load_detector(teacher_path)
+    teacher_model, builder = load_detector(teacher_path, flag="--teacher")
     check_teacher(cfg, builder, annotations, teacher_path)
     source = make_source(cfg.data, annotations)
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
