@@ -138,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "matplotlib is installed")
     rp.set_defaults(func=commands.cmd_report)
 
-    ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment")
+    ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment, or its "
+                                       "VideoMAE backbone back to OpenTAD")
     ex.add_argument("checkpoint", type=Path, help="model.safetensors from train or compress")
-    ex.add_argument("--out", type=Path, required=True, help="output file (e.g. detector.pt2 or detector.onnx)")
-    ex.add_argument("--format", choices=("pt2", "onnx"), default=None,
-                    help="default: from the --out suffix (.onnx -> onnx, else pt2)")
+    ex.add_argument("--out", type=Path, required=True,
+                    help="output file (e.g. detector.pt2, detector.onnx, or backbone.pth for --format opentad)")
+    ex.add_argument("--format", choices=("pt2", "onnx", "opentad"), default=None,
+                    help="default: from the --out suffix (.onnx -> onnx, else pt2); opentad: the backbone as "
+                         "OpenTAD's custom.pretrain reads it, with a sidecar giving its VisionTransformerAdapter args")
     ex.add_argument("--batch", type=int, default=1, help="windows per call (fixed in the graph)")
     ex.add_argument("--tolerance", type=float, default=1e-4, help="max |exported - eager| accepted")
     ex.set_defaults(func=commands.cmd_export)

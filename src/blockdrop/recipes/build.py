@@ -384,12 +384,13 @@ def _file_kind(path: Path) -> str:
     return "unknown"
 
 
-def load_detector(path: str | Path, flag: str = "the model file") -> tuple[nn.Module, dict]:
-    """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed):
-    (model, builder). ``flag`` names where the user gave the path, for the error messages."""
+def check_model_file(path: str | Path, flag: str = "the model file") -> Path:
+    """``path`` is a file that can be a blockdrop model; a PyTorch checkpoint (an OpenTAD or mmaction .pth
+    given where a model.safetensors goes) is refused saying how it gets in. ``flag`` names where the user
+    gave the path."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{flag} {path}: no such file (a model.safetensors written by `blockdrop train` or "
+        raise CheckpointError(f"{flag} {path}: file not found (a model.safetensors written by `blockdrop train` or "
                               f"`blockdrop compress`)")
     if _file_kind(path) == "torch":
         raise CheckpointError(
@@ -397,6 +398,13 @@ def load_detector(path: str | Path, flag: str = "the model file") -> tuple[nn.Mo
             f"that `blockdrop train` or `blockdrop compress` writes. An OpenTAD or mmaction file comes in as a "
             f"backbone: --set backbone.checkpoint={path} --set backbone.checkpoint_format=adatad (an AdaTAD "
             f"detector; mmaction for pretrained VideoMAE weights), then `blockdrop train` (docs/opentad.md)")
+    return path
+
+
+def load_detector(path: str | Path, flag: str = "the model file") -> tuple[nn.Module, dict]:
+    """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed):
+    (model, builder). ``flag`` names where the user gave the path, for the error messages."""
+    path = check_model_file(path, flag)
     model = load_compressed(path, build_from_builder)
     return model, read_compressed_metadata(path).builder
 

@@ -33,7 +33,7 @@ from blockdrop.core.errors import BlockdropError, ConfigError, DataError
 from blockdrop.core.schema import EvalConfig, ExperimentConfig
 from blockdrop.data.annotations import Annotations, VideoInfo
 from blockdrop.data.video import VideoMeta, num_output_frames, probe_video, stream_video
-from blockdrop.recipes.build import builder_config, load_detector, make_dataset
+from blockdrop.recipes.build import builder_config, check_model_file, load_detector, make_dataset
 from blockdrop.recipes.timeline import plot_timeline
 from blockdrop.tad.inference import predict_windows, results_from_windows
 
@@ -179,9 +179,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def checkpoint_builder(checkpoint: Path) -> dict:
     """The builder a saved detector carries, read from its metadata alone (no weights)."""
-    if not checkpoint.is_file():
-        raise BlockdropError(f"--checkpoint {checkpoint}: file not found (a model.safetensors from train or compress)")
-    return read_compressed_metadata(checkpoint).builder
+    return read_compressed_metadata(check_model_file(checkpoint, "--checkpoint")).builder
 
 
 def probe_videos(paths: dict[str, Path]) -> dict[str, VideoMeta]:
@@ -230,7 +228,7 @@ def detect_videos(videos: Sequence[str | os.PathLike], checkpoint: str | os.Path
     for note in notes:
         (warn or _warn)(note)
     target = resolve_device(device)
-    model, _ = load_detector(checkpoint)  # only now are weights read: every check above is cheap
+    model, _ = load_detector(checkpoint, "--checkpoint")  # only now are weights read: every check above is cheap
     model.to(target)
     results = {}
     for video_id, path in paths.items():

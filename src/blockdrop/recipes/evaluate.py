@@ -25,7 +25,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, *, subset
     """Score a saved detector on one subset (default: the config's test subset)."""
     if predictions_out is not None:
         check_output_file(predictions_out, "--predictions", ours=is_json_object, what="a JSON file (earlier predictions)")
-    model, builder = load_detector(checkpoint)
+    model, builder = load_detector(checkpoint, "--checkpoint")
     model.to(dist.init_from_env())  # the GPU when there is one (this process's under torchrun)
     annotations = load_experiment_annotations(cfg.data)
     check_teacher(cfg, builder, annotations, Path(checkpoint), role="checkpoint")
