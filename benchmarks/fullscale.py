@@ -21,7 +21,7 @@ For each config:
 Each measurement runs in a fresh process started from a bare interpreter (the launcher below), so
 its peak resident set is its own: the report gives that peak, and the same process's peak just
 before the first timed call (models built, inputs made), so that the difference is what the
-computation itself adds. Times: `--repeats` calls after one warm-up, median and each. The projected
+computation itself adds. Times: `--repeats` calls after `--warmup` untimed ones, median and each. The projected
 memory at the config's batch size (compress.alignment.train.batch_size) scales the computation's
 part linearly: static + batch x (peak - static); it is a projection, not a measurement.
 On CUDA the peaks are torch.cuda.max_memory_allocated (the same process's allocation before the first
@@ -160,12 +160,12 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     before = _rss_peak_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     times = []
-    for i in range(1 + args.repeats):  # the first call warms the allocator and kernels up
+    for i in range(args.warmup + args.repeats):  # warm-up calls first (allocator, kernels), not timed
         _sync(device)
         start = time.perf_counter()
         call()
         _sync(device)
-        if i:
+        if i >= args.warmup:
             times.append(time.perf_counter() - start)
     peak = _rss_peak_bytes() if device.type == "cpu" else torch.cuda.max_memory_allocated(device)
     return {"config": args.config, "kind": args.kind, "blocks_dropped": args.dropped, "batch": batch_size,
@@ -186,6 +186,7 @@ def run_child(args, config: str, kind: str, dropped: int, batch: int = 1) -> dic
         out, rss = Path(tmp) / "out.json", Path(tmp) / "rss"
         command = [sys.executable, __file__, "--child", "--config", config, "--kind", kind, "--dropped", str(dropped),
                    "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats),
+                   "--warmup", str(args.warmup),
                    "--batch", str(batch), "--child-out", str(out), *(["--smoke"] if args.smoke else [])]
         subprocess.run([sys.executable, "-c", LAUNCH, str(rss), *command], check=True)
         maxrss_kib, code = (int(x) for x in rss.read_text().split())
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up, per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before them (0 for calls of minutes)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="tiny windows and depth: checks the path, measures nothing")
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
             print(f"{config} {kind} dropped {dropped}: {results[-1]['median_s']:.2f} s", flush=True)
     rows = summarise(results, batches)
     print(table(rows))
-    record = {"smoke": args.smoke, "command": "python " + shlex.join(["benchmarks/fullscale.py", *(argv if argv is not None else sys.argv[1:])]),
+    record = {"smoke": args.smoke, "warmup": args.warmup, "command": "python " + shlex.join(["benchmarks/fullscale.py", *(argv if argv is not None else sys.argv[1:])]),
               "device": args.device, "threads": args.threads, "repeats": args.repeats,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "python": platform.python_version(),
@@ -270,6 +272,8 @@ def main(argv=None) -> int:
                         "computation GiB: that peak minus the same process's peak before the first timed call",
                         "projected GiB: before + batch x computation, the config's compress.alignment.train.batch_size;"
                         " a linear projection, not a measurement"]}
+    for row in rows:
+        row["command"] = record["command"]
     write_json(args.results, record)
     it = {r["config"]: r for r in rows if r["kind"] == "iteration" and r["blocks_dropped"] == 1}
     first = next(iter(it.values()))
