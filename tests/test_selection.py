@@ -323,3 +323,25 @@ def test_halving_on_a_tiny_detector_scores_partial_data_against_the_videos_seen(
     for label, ap in part["per_class"].items():
         scale = count(label, seen) / count(label, annotations.videos)
         assert whole["per_class"][label][0.5] == pytest.approx(ap[0.5] * scale)
+
+
+def test_halving_finalists_decide_on_all_the_data():
+    """finalists=2: halving stops at two candidates, which are then scored on every batch, so their
+    final scores are the full-data ones and the choice between them is the exhaustive choice."""
+    model = ToyNet(depth=6, quiet=4)
+    batches = toy_batches(model, sizes=(2,) * 8)
+    full = toy_select(model, batches, "map")
+    halved = toy_select(model, batches, "map", halving=Halving(first=1, keep=0.5, finalists=2))
+    assert [r["batches"] for r in halved.rounds] == [1, 2, 8] and halved.batches == 8
+    assert [len(r["candidates"]) for r in halved.rounds] == [6, 3, 2]
+    finalists = halved.rounds[-1]["candidates"]
+    for k in finalists:
+        assert halved.scores[k] == pytest.approx(full.scores[k], abs=1e-12)
+    assert halved.chosen_original == max(finalists, key=lambda k: full.scores[k]) == full.chosen_original == 4
+    assert halved.ranking[:2] == sorted(finalists, key=lambda k: -full.scores[k])  # finalists first
+    survivors = [r["candidates"] for r in halved.rounds]
+    assert halved.block_forwards == (shared_prefix_cost(6, survivors[0]) + shared_prefix_cost(6, survivors[1])
+                                     + 6 * shared_prefix_cost(6, survivors[2]))
+    # as many finalists as candidates: no round is cut short, the exhaustive pass
+    everyone = toy_select(model, batches, "map", halving=Halving(first=1, keep=0.5, finalists=6))
+    assert everyone.block_forwards == full.block_forwards and everyone.scores == pytest.approx(full.scores)
