@@ -138,6 +138,30 @@ def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
     assert len(step.align.epochs) == 4  # the budget of two progressive steps in one alignment
 
 
+def test_selection_strategies_from_the_config(teacher, tmp_path):
+    """compress.selection.strategy through `blockdrop compress`: truncate-last drops the last kept
+    blocks by original index; recovery-aware records its trials in selection.json and the history."""
+    config, teacher_path = teacher
+    last = compress_experiment(_cfg(config, "compress.selection.strategy=truncate-last"), teacher=teacher_path,
+                               out=tmp_path / "last", progress=False)
+    assert [s.dropped_original for s in last.steps] == [[3], [2]]
+    assert all(s.selection.strategy == "truncate-last" and s.selection.block_forwards == 0 for s in last.steps)
+    aware = compress_experiment(_cfg(config, "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
+                                     "compress.selection.trial_batches=1", "compress.stopping.max_blocks=1"),
+                                teacher=teacher_path, out=tmp_path / "aware", progress=False)
+    selection = aware.steps[0].selection
+    assert selection.strategy == "recovery-aware" and selection.evaluator == "feature_cosine"  # the cheap shortlist
+    assert selection.trial.evaluator == "map" and selection.trial.metric == "average_mAP"
+    assert selection.trial.shortlist == selection.ranking[:2] and selection.trial.batches == 1
+    assert aware.steps[0].dropped_original == [selection.trial.ranking[0]] == [selection.chosen_original]
+    on_disk = History.selection_from_json(json.loads((tmp_path / "aware" / "step_01" / "selection.json").read_text()),
+                                          "selection.json")
+    assert on_disk == selection
+    report = (tmp_path / "aware" / "report.md").read_text()
+    assert f"chose original block {selection.chosen_original}" in report
+    assert f"Recovery-aware: the 2 best ({selection.trial.shortlist}) each aligned for 1 batches" in report
+
+
 def test_drop_only_and_an_alignment_subset_of_videos(teacher, tmp_path, monkeypatch):
     """compress.alignment.videos fine-tunes on a seeded subset of the training videos;
     compress.alignment.enabled=false drops with no recovery: the saved model is the teacher minus
