@@ -266,6 +266,25 @@ def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
     assert kept_blocks(model, stack="backbone.blocks") == steps[-1].kept_blocks
 
 
+def test_recovery_aware_under_torchrun_trains_its_trials_on_every_rank(teacher, tmp_path):
+    """recovery-aware's trial alignments train with DDP on both ranks (their selection would hang
+    otherwise), rank 0 scores them, and both ranks drop the block it chose."""
+    config, teacher_path = teacher
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    settings = COMPRESS + ["compress.stopping.max_blocks=1", "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
+                           "compress.selection.trial_batches=2"]
+    sets = [arg for item in settings for arg in ("--set", item)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
+                          "--teacher", str(teacher_path), "--out", str(tmp_path / "ddp"), "--quiet", *sets],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = History.load(tmp_path / "ddp" / "history.json")
+    selection = history.steps[0].selection
+    assert history.world_size == 2 and selection.trial.batches == 2 and len(selection.trial.shortlist) == 2
+    assert history.steps[0].dropped_original == [selection.trial.ranking[0]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compress_runs_on_the_gpu_when_there_is_one(teacher, tmp_path):
     config, teacher_path = teacher
