@@ -242,18 +242,24 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
+def _torchrun_compress(teacher, out, settings: list[str]) -> subprocess.CompletedProcess:
+    """`blockdrop compress` under torchrun, 2 gloo processes, one thread each."""
+    config, teacher_path = teacher
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    sets = [arg for item in settings for arg in ("--set", item)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
+                          "--teacher", str(teacher_path), "--out", str(out), "--quiet", *sets],
+                         cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
     """`blockdrop compress` under PyTorch's launcher: the ranks form one process group (the
     alignment trains with DDP), agree on every dropped block, and leave one run folder written by
     rank 0 whose model loads in a single process."""
-    config, teacher_path = teacher
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    sets = [arg for item in COMPRESS for arg in ("--set", item)]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
-                          "--teacher", str(teacher_path), "--out", str(tmp_path / "ddp"), "--quiet", *sets],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _torchrun_compress(teacher, tmp_path / "ddp", COMPRESS)
     assert run.stdout.count("stopped: dropped max_blocks=2") == 1  # one table: rank 0 prints
     history = History.load(tmp_path / "ddp" / "history.json")
     assert history.world_size == 2 and history.stopped == "dropped max_blocks=2"
@@ -269,16 +275,9 @@ def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
 def test_recovery_aware_under_torchrun_trains_its_trials_on_every_rank(teacher, tmp_path):
     """recovery-aware's trial alignments train with DDP on both ranks (their selection would hang
     otherwise), rank 0 scores them, and both ranks drop the block it chose."""
-    config, teacher_path = teacher
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    settings = COMPRESS + ["compress.stopping.max_blocks=1", "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
-                           "compress.selection.trial_batches=2"]
-    sets = [arg for item in settings for arg in ("--set", item)]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
-                          "--teacher", str(teacher_path), "--out", str(tmp_path / "ddp"), "--quiet", *sets],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _torchrun_compress(teacher, tmp_path / "ddp", COMPRESS + [
+        "compress.stopping.max_blocks=1", "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
+        "compress.selection.trial_batches=2"])
     history = History.load(tmp_path / "ddp" / "history.json")
     selection = history.steps[0].selection
     assert history.world_size == 2 and selection.trial.batches == 2 and len(selection.trial.shortlist) == 2
