@@ -288,7 +288,7 @@ def run_dir(args, variant: str, seed: int, blocks: int) -> Path:
 
 def settings(args, variant: str) -> dict:
     """compress_model's arguments for ``variant`` beyond the shared ones."""
-    if variant == "recovery_aware":  # shortlist by block influence, trial-align, rank by the task score after it
+    if variant == "recovery_aware":  # shortlist by the task score, trial-align, rank by the task score after it
         return {"selection": SelectionConfig(strategy="recovery-aware", evaluator="score", block_metric=BLOCK_METRIC,
                                              shortlist=args.shortlist, trial_batches=args.trial_batches)}
     return dict(SETTINGS[variant])

@@ -13,8 +13,8 @@ depth 1..--blocks (default 6); one-shot needs a run per count. The strategies, i
                     on training digits, never the test half)
   block_influence   ShortGPT's 1 - cosine between each block's input and output (dinov2.py's `method`)
   truncate_last     the last kept block
-  recovery_aware    the --shortlist best by block influence, each aligned for --trial-batches
-                    batches on a copy, ranked by the task score after it
+  recovery_aware    the --shortlist best by the paper's task score, each aligned for
+                    --trial-batches batches on a copy, ranked by the task score after it
   one_shot_task     one-shot (one alignment of k budgets), the paper's selection
   output_only_task  output-only alignment (feature weight 0), the paper's selection
 
@@ -139,7 +139,8 @@ def write_results(args, new: list[dict], ref, cost: dict, seconds: float) -> dic
             "resolution": args.size, "alignment_epochs_per_block": args.epochs, "images_per_epoch": args.images_per_epoch,
             "lr": args.lr, "lora_rank": args.rank or 96, "batch": args.batch,
             "recovery_aware": {"shortlist": args.shortlist, "trial_batches": args.trial_batches,
-                               "shortlist_by": "feature_cosine (block influence)", "scored_after_by": "probe_acc"},
+                               "shortlist_by": "probe_acc (the paper's pre-recovery task score)",
+                               "scored_after_by": "probe_acc"},
             "probe": {"l2": ref.l2, "l2_chosen_on": "teacher features, training digits columns 0-24 -> 25-49"},
             "smoke": args.smoke, "machine": machine(args.threads), "teacher": teacher,
             "costs": {str(k): v for k, v in cost.items()}, "entries": entries,

@@ -150,7 +150,7 @@ def test_selection_strategies_from_the_config(teacher, tmp_path):
                                      "compress.selection.trial_batches=1", "compress.stopping.max_blocks=1"),
                                 teacher=teacher_path, out=tmp_path / "aware", progress=False)
     selection = aware.steps[0].selection
-    assert selection.strategy == "recovery-aware" and selection.evaluator == "feature_cosine"  # the cheap shortlist
+    assert selection.strategy == "recovery-aware" and selection.evaluator == "map"  # shortlisted by the paper's score
     assert selection.trial.evaluator == "map" and selection.trial.metric == "average_mAP"
     assert selection.trial.shortlist == selection.ranking[:2] and selection.trial.batches == 1
     assert aware.steps[0].dropped_original == [selection.trial.ranking[0]] == [selection.chosen_original]

@@ -104,7 +104,8 @@ def test_recovery_aware_follows_the_post_alignment_scores():
     pre = select_block(model, SequentialTarget(), batches, evaluator="feature_cosine").ranking  # the cheap ranking
     worst = pre[-1]
     stub = RepairOne(worst)
-    record = RecoveryAware(shortlist=5, batches=3, evaluator="loss", trial=stub).select(model, ctx)
+    record = RecoveryAware(shortlist=5, batches=3, evaluator="loss", shortlist_by="feature_cosine",
+                           trial=stub).select(model, ctx)
     assert worst != 2 and record.ranking == pre and record.ranking[0] == 2  # block influence: 2 first, worst last
     assert record.chosen_original == worst == record.trial.ranking[0] == Progressive().drop(record)[0]
     assert record.chosen == worst  # nothing dropped yet: position == original index
@@ -186,6 +187,9 @@ def test_the_config_names_the_strategy_and_its_settings():
     assert isinstance(selection_strategy(cfg(strategy="truncate-last")), TruncateLast)
     aware = selection_strategy(cfg(strategy="recovery-aware", shortlist=4, trial_batches=6, shortlist_by="loss"))
     assert (aware.shortlist, aware.batches, aware.shortlist_by, aware.evaluator) == (4, 6, "loss", "map")
+    default = selection_strategy(cfg(strategy="recovery-aware", search="halving"))
+    assert (default.shortlist, default.batches, default.ranked_by) == (3, 4, "map")  # the paper's ranking
+    assert default.halving == Halving(8, 0.5, 2)  # the shortlist's ranking halves as configured
     drop_only = CompressConfig(selection=SelectionConfig(strategy="recovery-aware"), stopping=StoppingConfig(max_blocks=1),
                                alignment=AlignmentConfig(enabled=False))
     with pytest.raises(BlockdropError, match="recovery-aware .* compress.alignment.enabled is false"):

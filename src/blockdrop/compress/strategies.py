@@ -10,7 +10,8 @@ drops, and how long it aligns, is the other kind of strategy, in compress/rules.
   model; drop the block that changes its input least. One forward per batch.
 - `TruncateLast`: drop the last kept block (the highest original index). No data, no forwards:
   the baseline that fancier selection often fails to beat.
-- `RecoveryAware`: shortlist the ``shortlist`` best candidates by a cheap score, give each a
+- `RecoveryAware`: shortlist the ``shortlist`` best candidates by a pre-recovery score (by
+  default the paper's: the strategy's evaluator), give each a
   short alignment of ``batches`` training batches (`LoraTrial`: the step's own LoRA recipe, on a
   copy of the student), score each on the selection data after it, and drop the best.
 
@@ -170,8 +171,8 @@ class RecoveryAware:
     """Shortlist by a cheap score, trial-align each shortlisted candidate on a copy, drop the one
     that scores best after its trial.
 
-    ``shortlist`` (k) candidates, ranked by ``shortlist_by`` (a `select_block` evaluator; its
-    ``halving`` applies when it scores sub-networks) go on; each gets ``batches`` training batches
+    ``shortlist`` (k) candidates, ranked by ``shortlist_by`` (a `select_block` evaluator, by default
+    ``evaluator`` itself: the pre-recovery ranking; ``halving`` applies when it scores sub-networks) go on; each gets ``batches`` training batches
     of ``trial`` alignment, the same batches and the same random seed for every candidate, so only
     the candidate differs. After it each is scored on the selection data by ``evaluator`` (ranked
     by ``metric``) when that scores a model (score / map / loss), else by the alignment loss to the
@@ -179,10 +180,10 @@ class RecoveryAware:
     """
 
     shortlist: int = 3
-    batches: int = 8
+    batches: int = 4
     evaluator: str = "score"
     metric: str | None = None
-    shortlist_by: str = "feature_cosine"
+    shortlist_by: str | None = None  # None: ``evaluator``
     halving: Halving | None = None
     trial: TrialAlignment = LoraTrial()
     name = "recovery-aware"
@@ -193,17 +194,22 @@ class RecoveryAware:
                                  f"batch, got shortlist={self.shortlist}, batches={self.batches}")
 
     @property
+    def ranked_by(self) -> str:
+        return self.shortlist_by or self.evaluator
+
+    @property
     def post_evaluator(self) -> str:
         return self.evaluator if self.evaluator in SUBNETWORK_EVALUATORS else ALIGN_LOSS
 
     def check(self, target, prefix: str = "compress.selection.") -> None:
-        _check_scorer(target, self.shortlist_by, self.metric, prefix, key="shortlist_by")
+        key = "shortlist_by" if self.shortlist_by else "evaluator"
+        _check_scorer(target, self.ranked_by, self.metric, prefix, key=key)
         if self.post_evaluator != ALIGN_LOSS:
             _check_scorer(target, self.evaluator, self.metric, prefix)
 
     def select(self, student: nn.Module, ctx: SelectionContext) -> SelectionRecord:
         seed = dist.main_result(lambda: int(torch.randint(2 ** 31 - 1, ())))  # every candidate's trial starts alike
-        cheap = dist.main_result(lambda: select_block(student, ctx.target, ctx.data, evaluator=self.shortlist_by,
+        cheap = dist.main_result(lambda: select_block(student, ctx.target, ctx.data, evaluator=self.ranked_by,
                                                       metric=self.metric, halving=self.halving))
         start = time.perf_counter()
         shortlist = cheap.ranking[: self.shortlist]

@@ -215,8 +215,9 @@ class SelectionConfig:
 
     # pre-recovery: the block whose removal hurts `evaluator` least (the paper); block-influence:
     # the block whose output is most like its input (1 - cosine, ShortGPT); truncate-last: the last
-    # kept block; recovery-aware: the `shortlist` best by `shortlist_by`, each trial-aligned for
-    # `trial_batches` batches on a copy of the student, scored by `evaluator` after it
+    # kept block; recovery-aware: the `shortlist` best by `shortlist_by` (null: by `evaluator`, the
+    # pre-recovery ranking), each trial-aligned for `trial_batches` batches on a copy of the student,
+    # scored by `evaluator` after it
     strategy: Literal["pre-recovery", "block-influence", "truncate-last", "recovery-aware"] = "pre-recovery"
     # map: the detection metric of the model without the block (the paper; "score" is the same for
     # any target: its own metric); loss: its ground-truth loss; feature_mse / feature_cosine: how
@@ -233,9 +234,14 @@ class SelectionConfig:
     halving_first: int = 8
     halving_keep: float = 0.5
     halving_finalists: int = 2
+    # recovery-aware's defaults, measured on DINOv2-S's training side (benchmarks/recovery_defaults.py
+    # -> benchmarks/results/recovery_defaults.json, docs/benchmarks.md "Recovery-aware selection"):
+    # the block that recovered best was 2nd by the pre-recovery task score and 10th of 12 by block
+    # influence; trials of 4 and 8 batches among the task score's best 2..6 chose it, 16 did not
     shortlist: int = 3  # recovery-aware: candidates given a trial alignment
-    shortlist_by: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] = "feature_cosine"  # recovery-aware's cheap ranking
-    trial_batches: int = 8  # recovery-aware: alignment batches per shortlisted candidate (the same for all)
+    # recovery-aware's ranking for the shortlist; null: `evaluator` (with `search`), the paper's score
+    shortlist_by: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] | None = None
+    trial_batches: int = 4  # recovery-aware: alignment batches per shortlisted candidate (the same for all)
 
     def __post_init__(self) -> None:
         _positive("videos", self.videos)
