@@ -9,7 +9,7 @@ teacher, then each kept step's model), on ALL training videos in test-mode windo
 - exhaustive, naive (every candidate from scratch) and shared-prefix: the full-data choice and
   every candidate's full-data score, and the wall time of each;
 - successive halving over the same data (compress.selection.search: halving, with --first,
-  --keep and --finalists: the last --finalists candidates decide on all the data);
+  --keep and --final: the last share --final of the candidates decides on all the data);
 - the 8-video heuristic of the shipped configs (exhaustive on a seeded subset of 8 videos);
 - the feature evaluators (block influence: feature_cosine, feature_mse);
 - other halving rules (--rules), replayed from the shared-prefix pass's recorded predictions
@@ -47,7 +47,7 @@ from blockdrop.recipes.build import load_detector, load_experiment
 from blockdrop.recipes.compress import selection_setup
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_RULES = "8:0.5:1,8:0.5:2,8:0.5:3,8:0.5:4,16:0.5:1,16:0.5:2,16:0.5:3,4:0.5:2,4:0.5:3"
+DEFAULT_RULES = "8:0.5:0,8:0.5:0.17,8:0.5:0.25,8:0.5:0.33,8:0.5:0.5,16:0.5:0,16:0.5:0.25,16:0.5:0.33,4:0.5:0.33"
 
 
 def step_models(run: Path, teacher: Path) -> list[Path]:
@@ -96,7 +96,8 @@ def replay(predictions: dict[int, list], target, metric: str, rule: Halving, dep
         return float(target.score([p for b in predictions[k][:batches] for p in b])[metric])
 
     alive, total = sorted(predictions), len(next(iter(predictions.values())))
-    boundary, seen, forwards = (rule.first if len(alive) > rule.finalists else None), 0, 0
+    finalists = rule.finalists(len(alive))
+    boundary, seen, forwards = (rule.first if len(alive) > finalists else None), 0, 0
     while True:
         end = total if boundary is None else min(boundary, total)
         forwards += (end - seen) * shared_prefix_cost(depth, alive)
@@ -105,14 +106,14 @@ def replay(predictions: dict[int, list], target, metric: str, rule: Halving, dep
         ranked = sorted(alive, key=lambda k: (-scores[k], k))
         if end == total:
             return {"choice": ranked[0], "block_forwards": forwards}
-        alive = sorted(ranked[: max(rule.finalists, math.ceil(rule.keep * len(alive)))])
+        alive = sorted(ranked[: max(finalists, math.ceil(rule.keep * len(alive)))])
         if len(alive) == 1:
             return {"choice": alive[0], "block_forwards": forwards}
-        boundary = boundary * 2 if len(alive) > rule.finalists else None
+        boundary = boundary * 2 if len(alive) > finalists else None
 
 
 def rule_name(rule: Halving) -> str:
-    return f"first {rule.first}, keep {rule.keep}, finalists {rule.finalists}"
+    return f"first {rule.first}, keep {rule.keep}, final {rule.final}"
 
 
 def one_step(cfg, model_path: Path, halving: Halving, metric: str, rules: list[Halving]) -> dict:
@@ -212,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=None, help="section of the results file (default: the config name)")
     parser.add_argument("--first", type=int, default=8, help="successive halving: batches of the first round")
     parser.add_argument("--keep", type=float, default=0.5, help="successive halving: fraction kept per round")
-    parser.add_argument("--finalists", type=int, default=SelectionConfig.halving_finalists,
-                        help="successive halving: candidates that decide on all the data")
-    parser.add_argument("--rules", default=DEFAULT_RULES, help="halving rules to replay, first:keep:finalists, "
+    parser.add_argument("--final", type=float, default=SelectionConfig.halving_final,
+                        help="successive halving: share of the candidates that decides on all the data")
+    parser.add_argument("--rules", default=DEFAULT_RULES, help="halving rules to replay, first:keep:final, "
                         "comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[])
@@ -223,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_experiment(args.config, args.set)
     teacher = args.teacher or Path(cfg.compress.teacher or "")
     metric = cfg.compress.selection.block_metric
-    halving = Halving(args.first, args.keep, args.finalists)
-    rules = [Halving(int(f), float(k), int(n)) for f, k, n in (r.split(":") for r in args.rules.split(","))]
+    halving = Halving(args.first, args.keep, args.final)
+    rules = [Halving(int(f), float(k), float(n)) for f, k, n in (r.split(":") for r in args.rules.split(","))]
     steps = [one_step(cfg, path, halving, metric, rules) for path in step_models(args.run, teacher)]
     section = {**summarize(steps), "steps": steps, "metric": metric,
-               "halving": {"first": args.first, "keep": args.keep, "finalists": args.finalists},
+               "halving": {"first": args.first, "keep": args.keep, "final": args.final},
                "device": f"CPU {cpu_name()} ({platform.machine()}), {args.threads} thread(s)",
                "load_average_end": load_average(),
                "command": "python benchmarks/selection_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}

@@ -182,14 +182,14 @@ def test_the_config_names_the_strategy_and_its_settings():
         return CompressConfig(selection=SelectionConfig(**selection), stopping=StoppingConfig(max_blocks=1))
 
     assert isinstance(selection_strategy(cfg()), PreRecovery)
-    assert selection_strategy(cfg(search="halving", halving_first=4)).halving == Halving(4, 0.5, 2)
+    assert selection_strategy(cfg(search="halving", halving_first=4)).halving == Halving(4, 0.5, 0.33)
     assert isinstance(selection_strategy(cfg(strategy="block-influence")), BlockInfluence)
     assert isinstance(selection_strategy(cfg(strategy="truncate-last")), TruncateLast)
     aware = selection_strategy(cfg(strategy="recovery-aware", shortlist=4, trial_batches=6, shortlist_by="loss"))
     assert (aware.shortlist, aware.batches, aware.shortlist_by, aware.evaluator) == (4, 6, "loss", "map")
     default = selection_strategy(cfg(strategy="recovery-aware", search="halving"))
     assert (default.shortlist, default.batches, default.ranked_by) == (3, 4, "map")  # the paper's ranking
-    assert default.halving == Halving(8, 0.5, 2)  # the shortlist's ranking halves as configured
+    assert default.halving == Halving(8, 0.5, 0.33)  # the shortlist's ranking halves as configured
     drop_only = CompressConfig(selection=SelectionConfig(strategy="recovery-aware"), stopping=StoppingConfig(max_blocks=1),
                                alignment=AlignmentConfig(enabled=False))
     with pytest.raises(BlockdropError, match="recovery-aware .* compress.alignment.enabled is false"):
@@ -200,7 +200,7 @@ def test_the_config_names_the_strategy_and_its_settings():
     ("compress.selection.strategy=recovery_aware", r"compress\.selection\.strategy.*recovery-aware"),
     ("compress.selection.shortlist=1", r"compress\.selection: 'shortlist' must be at least 2"),
     ("compress.selection.trial_batches=0", r"compress\.selection: 'trial_batches' must be positive"),
-    ("compress.selection.halving_finalists=0", r"compress\.selection: 'halving_finalists' must be positive"),
+    ("compress.selection.halving_final=1.5", r"compress\.selection: 'halving_final' must be in \[0, 1\]"),
     ("compress.selection.shortlist_by=cosine", r"compress\.selection\.shortlist_by"),
 ])
 def test_bad_selection_settings_are_refused_at_load_naming_the_key(tmp_path, override, message):

@@ -189,22 +189,23 @@ def _subnetwork_scores(model, target, loader, device, blocks, candidates, evalua
                        halving: Halving | None = None):
     """Every candidate on every batch; with ``halving``, successive halving over the data instead:
     after ``first`` batches only the best ``keep`` fraction of the candidates goes on (never fewer
-    than ``finalists``), the next round ends at twice as many batches, and so on until
-    ``finalists`` remain: they are scored on the rest of the data, all of it (with ``finalists``
-    1, the last survivor reads no more). Each candidate's predictions accumulate over the rounds,
+    than the finalists: the share ``final`` of the candidates, rounded up), the next round ends at
+    twice as many batches, and so on until only the finalists remain: they are scored on the rest of
+    the data, all of it (with ``final`` 0, one finalist: the last survivor reads no more). Each candidate's predictions accumulate over the rounds,
     so nothing is computed twice; one pass over the data. -> (scores, batches, rounds)."""
     acc = _SubnetworkScores(target, evaluator, metric, candidates)
     run_batch = _naive_batch if naive else _shared_prefix_batch
     alive, rounds = list(candidates), []
-    boundary = halving.first if halving is not None and len(alive) > halving.finalists else None
+    finalists = halving.finalists(len(candidates)) if halving is not None else len(candidates)
+    boundary = halving.first if len(alive) > finalists else None
     for batch in loader:
         if len(alive) == 1 and halving is not None:
             break  # the last survivor needs no more data
         run_batch(model, target, to_device(batch, device), blocks, alive, acc)
         acc.batches += 1
         if boundary is not None and acc.batches == boundary:
-            alive = _halve(acc, alive, halving, rounds)
-            boundary = boundary * 2 if len(alive) > halving.finalists else None  # None: the finalists read it all
+            alive = _halve(acc, alive, halving, finalists, rounds)
+            boundary = boundary * 2 if len(alive) > finalists else None  # None: the finalists read it all
     if not acc.batches:
         return {}, 0, rounds
     final = acc.scores(alive)
@@ -220,20 +221,26 @@ class Halving:
 
     first: int = 2  # batches of the first round
     keep: float = 0.5  # fraction of the candidates that goes on after a round
-    finalists: int = 1  # halving stops at this many; they decide on all the data (1: the survivor reads no more)
+    # share of the candidates (rounded up, at least one) that halving keeps for a decision on all
+    # the data; 0: halve down to one, which reads no more (docs/benchmarks.md: why a third)
+    final: float = 0.33
 
     def __post_init__(self) -> None:
-        if self.first < 1 or not 0 < self.keep < 1 or self.finalists < 1:
-            raise BlockdropError(f"successive halving needs first >= 1 batch, 0 < keep < 1 and finalists >= 1, "
+        if self.first < 1 or not 0 < self.keep < 1 or not 0 <= self.final <= 1:
+            raise BlockdropError(f"successive halving needs first >= 1 batch, 0 < keep < 1 and 0 <= final <= 1, "
                                  f"got {self}")
 
+    def finalists(self, candidates: int) -> int:
+        """How many of ``candidates`` decide on all the data."""
+        return max(1, math.ceil(self.final * candidates - 1e-9))
 
-def _halve(acc: _SubnetworkScores, alive: list[int], halving: Halving, rounds: list) -> list[int]:
+
+def _halve(acc: _SubnetworkScores, alive: list[int], halving: Halving, finalists: int, rounds: list) -> list[int]:
     scores = acc.scores(alive)
     rounds.append({"candidates": sorted(alive), "batches": acc.batches, "scores": scores})
     sign = -1.0 if HIGHER_IS_BETTER[acc.evaluator] else 1.0
     ranked = sorted(alive, key=lambda k: (math.isnan(scores[k]), sign * scores[k], k))
-    return sorted(ranked[: max(halving.finalists, math.ceil(halving.keep * len(alive)))])
+    return sorted(ranked[: max(finalists, math.ceil(halving.keep * len(alive)))])
 
 
 def naive_forwards(depth: int, candidates: list[int], evaluator: str) -> int:

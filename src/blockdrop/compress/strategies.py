@@ -267,7 +267,7 @@ def selection_strategy(cfg: CompressConfig):
     """The strategy ``compress.selection`` names, with its settings (checked at load by the schema;
     against a target by its `check`)."""
     sel = cfg.selection
-    halving = Halving(sel.halving_first, sel.halving_keep, sel.halving_finalists) if sel.search == "halving" else None
+    halving = Halving(sel.halving_first, sel.halving_keep, sel.halving_final) if sel.search == "halving" else None
     if sel.strategy == "pre-recovery":
         return PreRecovery(sel.evaluator, sel.block_metric or None, halving)
     if sel.strategy == "block-influence":
