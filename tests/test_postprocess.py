@@ -1,6 +1,5 @@
 """Post-processing: NMS by hand, soft-NMS against a textbook loop and ActionFormer's batched_nms."""
 
-import importlib.util
 import json
 import math
 
@@ -19,6 +18,8 @@ from blockdrop.tad.postprocess import (
     save_results,
     soft_nms,
 )
+
+from conftest import actionformer_module
 
 
 def t(x, dtype=torch.float64):
@@ -106,15 +107,7 @@ def test_soft_nms_matches_textbook_loop(seed, voting):
 
 @pytest.fixture(scope="module")
 def actionformer_nms():
-    """actionformer/utils/nms.py by path (its package __init__ imports torchvision)."""
-    spec = importlib.util.find_spec("actionformer")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("actionformer is not installed")
-    path = spec.submodule_search_locations[0] + "/utils/nms.py"
-    module_spec = importlib.util.spec_from_file_location("_actionformer_nms", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return actionformer_module("utils/nms.py")
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -144,3 +144,23 @@ def test_dinov2_tad_features_smoke(tmp_path: Path, one_thread):
     max_full = np.load(tmp_path / "features" / "rgb_diff_max_2fps" / f"{video}.npy")
     np.testing.assert_array_equal(cls_half, rgb[::2, 0].numpy())
     np.testing.assert_array_equal(max_full, diff[:, 1:].amax(1).numpy())
+
+
+def test_fullscale_smoke(tmp_path: Path):
+    """The full-size benchmark's path (fresh measuring processes, inference and alignment iterations, the
+    record) at a tiny size, on the AdaTAD config (LoRA and adapters trained together)."""
+    fullscale = _benchmark("fullscale")
+    results = tmp_path / "fullscale.json"
+    assert fullscale.main(["--smoke", "--configs", "thumos14_adatad_s", "--repeats", "1", "--threads", "1",
+                           "--results", str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record["smoke"] and record["command"].startswith("python benchmarks/fullscale.py")
+    rows = {(r["config"], r["kind"], r["blocks_dropped"]): r for r in record["rows"]}
+    assert set(rows) == {("thumos14_adatad_s", k, d) for k, d in fullscale.CASES}
+    for (_, kind, dropped), row in rows.items():
+        assert row["median_s"] > 0 and row["peak_gib"] >= row["before_gib"] > 0
+        assert row["depth"] == 4 - dropped
+        if kind == "iteration":  # batch 2 in both configs: the computation counted twice
+            assert row["projected_batch"] == 2 and row["projected_peak_gib"] >= row["peak_gib"] - 1e-3
+    raw = {(r["config"], r["kind"], r["blocks_dropped"]): r for r in record["raw"]}
+    assert raw[("thumos14_adatad_s", "iteration", 1)]["trainable_params"] > 0

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from blockdrop.core.errors import BlockdropError
+from blockdrop.core.fileio import check_output_file, is_json_object, is_png
 from blockdrop.recipes import commands
+from blockdrop.recipes.runs import check_run_flags
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +32,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="leave out media files that fail the start-up check (default: stop and list them)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: go on although the config or teacher differ from the run's")
+
+
+# ---- flag checks, run before the command (each names the flag; nothing has been read or written yet) --
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    check_run_flags(args.resume, args.overwrite)
+
+
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    if args.json is not None:  # (--predictions: `evaluate_checkpoint` checks it first)
+        check_output_file(args.json, "--json", ours=is_json_object, what="a JSON file (an earlier --json)")
+
+
+def _check_detect_outputs(args: argparse.Namespace) -> None:
+    if args.out is not None:
+        check_output_file(args.out, "--out", ours=is_json_object, what="a JSON file (earlier results)")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", ours=is_png, what="a PNG image (an earlier --plot)")
 
 
 def _positive_float(text: str) -> float:
@@ -94,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a detector (selection on the validation split)")
     _add_config_args(tr)
     _add_run_args(tr)
-    tr.set_defaults(func=commands.cmd_train)
+    tr.set_defaults(func=commands.cmd_train, check=_check_run_flags)
 
     ev = sub.add_parser("eval", help="score a saved detector on one subset (default: test)")
     _add_config_args(ev)
@@ -102,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subset", default=None, help="train, val or test (the config's splits; default test), or a subset name of the file")
     ev.add_argument("--predictions", type=Path, default=None, help="also write the predictions JSON here")
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
-    ev.set_defaults(func=commands.cmd_eval)
+    ev.set_defaults(func=commands.cmd_eval, check=_check_eval_outputs)
 
     co = sub.add_parser("compress", help="Progressive Block Drop of a trained detector")
     _add_config_args(co)
     co.add_argument("--teacher", type=Path, default=None, help="the teacher's model.safetensors "
                     "(default: the config's compress.teacher)")
     _add_run_args(co)
-    co.set_defaults(func=commands.cmd_compress)
+    co.set_defaults(func=commands.cmd_compress, check=_check_run_flags)
 
     rp = sub.add_parser("report", help="write report.md and a self-contained report.html (figures with "
                         "blockdrop[report]) for a compress run folder")
@@ -118,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "matplotlib is installed")
     rp.set_defaults(func=commands.cmd_report)
 
-    ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment")
+    ex = sub.add_parser("export", help="export a saved detector (torch.export .pt2 or ONNX) for deployment, or its "
+                                       "VideoMAE backbone back to OpenTAD")
     ex.add_argument("checkpoint", type=Path, help="model.safetensors from train or compress")
-    ex.add_argument("--out", type=Path, required=True, help="output file (e.g. detector.pt2 or detector.onnx)")
-    ex.add_argument("--format", choices=("pt2", "onnx"), default=None,
-                    help="default: from the --out suffix (.onnx -> onnx, else pt2)")
+    ex.add_argument("--out", type=Path, required=True,
+                    help="output file (e.g. detector.pt2, detector.onnx, or backbone.pth for --format opentad)")
+    ex.add_argument("--format", choices=("pt2", "onnx", "opentad"), default=None,
+                    help="default: from the --out suffix (.onnx -> onnx, else pt2); opentad: the backbone as "
+                         "OpenTAD's custom.pretrain reads it, with a sidecar giving its VisionTransformerAdapter args")
     ex.add_argument("--batch", type=int, default=1, help="windows per call (fixed in the graph)")
     ex.add_argument("--tolerance", type=float, default=1e-4, help="max |exported - eager| accepted")
     ex.set_defaults(func=commands.cmd_export)
@@ -154,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     dt.add_argument("--min-score", type=_positive_float, default=None,
                     help="score floor (default: the model's eval.min_score)")
-    dt.set_defaults(func=commands.cmd_detect)
+    dt.set_defaults(func=commands.cmd_detect, check=_check_detect_outputs)
     return parser
 
 
@@ -162,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "check", None) is not None:  # the commands that take flags to check first
+            args.check(args)
         return int(args.func(args) or 0)
     except BlockdropError as err:
         print(f"blockdrop: error: {err}", file=sys.stderr)

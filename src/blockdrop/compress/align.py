@@ -33,7 +33,7 @@ from blockdrop.compress.stack import kept_blocks
 from blockdrop.compress.target import Supervised, TargetForward, run_blocks
 from blockdrop.core import distributed as dist
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import atomic_path
+from blockdrop.core.fileio import load_state, save_torch
 from blockdrop.core.torchutil import model_device, to_device
 from blockdrop.core.training import fit
 
@@ -141,20 +141,23 @@ class _BestState:
         self.state = None
         if self.path is not None and self.path.exists():
             if resume:
-                self.state = torch.load(self.path, map_location="cpu", weights_only=True)
+                self.state = self._load()
             elif dist.is_main():
                 self.path.unlink()  # a previous run's choice must not be merged into this one
+
+    def _load(self) -> dict:
+        return load_state(self.path, remedy=f"delete {self.path.parent} to redo this alignment, or start over "
+                                            f"with --overwrite")
 
     def keep(self, model: nn.Module, record: dict) -> None:
         wanted = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in wanted}
         if self.path is not None and dist.is_main():
-            with atomic_path(self.path) as tmp:
-                torch.save(self.state, tmp)
+            save_torch(self.state, self.path)
 
     def restore(self, runner: TargetForward, metric: str | None) -> None:
         if self.state is None and self.path is not None and self.path.exists():  # other ranks: rank 0's file
-            self.state = torch.load(self.path, map_location="cpu", weights_only=True)
+            self.state = self._load()
         if self.state is None and not dist.is_main():
             raise BlockdropError("align: under torchrun with an evaluate_fn, pass out_dir: the other ranks "
                                  "read the weights rank 0 selected from there")

@@ -18,7 +18,6 @@ ranks, while selection, validation and measurement run on rank 0 and their resul
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from blockdrop.compress.stack import drop_original, kept_blocks
 from blockdrop.compress.strategies import SelectionContext, selection_strategy
 from blockdrop.core import distributed as dist
 from blockdrop.core.errors import BlockdropError
-from blockdrop.core.fileio import atomic_path, write_json
+from blockdrop.core.fileio import atomic_path, load_state, write_json
 from blockdrop.core.schema import CompressConfig
 from blockdrop.core.training import seed_everything, stage_seed
 
@@ -166,8 +165,9 @@ def _select(selector, context: SelectionContext, strategy, student: nn.Module, s
     before anything changes. Every rank calls the selector: what it scores runs on rank 0 and is
     handed to the others, its trial alignments (recovery-aware) train on all ranks."""
     path = step_dir / "selection.json"
-    recorded = dist.main_result(lambda: History.selection_from_json(json.loads(path.read_text()), str(path))
-                                if path.exists() else None)
+    recorded = dist.main_result(lambda: History.selection_from_json(
+        load_state(path, json_file=True, remedy="delete it to select again, or start over with --overwrite"),
+        str(path)) if path.exists() else None)
     if recorded is not None:
         return recorded
     record = selector.select(student, context)

@@ -9,6 +9,7 @@ Runtime state is never written back into a config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -66,6 +67,9 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
+        if get_args(tp)[1:] == (float,):  # the section's own check names wrong types; numbers must be finite
+            for key, item in value.items():
+                _finite(item, f"{where}.{key}", source)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -78,17 +82,25 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                return _finite(float(value), where, source, value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {where} must be a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), where, source)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {where} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")  # a bug in a schema, not user input
+
+
+def _finite(value: Any, where: str, source: str, given: Any = None) -> Any:
+    """``value`` unless it is a non-finite number (nan and inf pass every comparison a check makes
+    and would surface epochs later as NaN weights)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {where} must be a finite number, got {given if given is not None else value!r}")
+    return value
 
 
 def _build(cls: type[T], data: Any, where: str, source: str) -> T:
@@ -149,15 +161,52 @@ def to_dict(config: Any) -> dict:
     return plain(config)
 
 
+class DuplicateKey(Exception):
+    def __init__(self, key: str, where: str, first: yaml.Mark, second: yaml.Mark):
+        super().__init__(key)
+        self.key, self.where, self.first, self.second = key, where, first, second
+
+    def describe(self) -> str:
+        section = f"section '{self.where}'" if self.where else "the top level"
+        a, b = self.first, self.second
+        at = (f"line {a.line + 1} (columns {a.column + 1} and {b.column + 1})" if a.line == b.line
+              else f"lines {a.line + 1} and {b.line + 1}")
+        return f"key '{self.key}' appears twice in {section}, at {at} (YAML would keep only the last); remove one"
+
+
+def _check_unique_keys(node: yaml.Node | None, where: str = "") -> None:
+    """Raise DuplicateKey for a mapping that repeats a key (PyYAML silently keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple, yaml.Mark] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, name) in seen:
+                    raise DuplicateKey(name, where, seen[(key.tag, name)], key.start_mark)
+                seen[(key.tag, name)] = key.start_mark
+            _check_unique_keys(value, _describe(where, str(name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{where}[{i}]")
+
+
+def _load_yaml(text: str, where: str = ""):
+    """``yaml.safe_load`` that refuses repeated keys (DuplicateKey); ``where``: the section it is."""
+    _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), where)
+    return yaml.safe_load(text)
+
+
 def parse_override(text: str, *, flag: str = "--set") -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"{flag} {text!r}: expected SECTION.KEY=VALUE")
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw, key.strip())
     except yaml.YAMLError:
         raise ConfigError(f"{flag} {text!r}: the value is not valid YAML") from None
+    except DuplicateKey as dup:
+        raise ConfigError(f"{flag} {text!r}: {dup.describe()}") from None
     return [p for p in key.strip().split(".")], value
 
 
@@ -185,7 +234,9 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except DuplicateKey as dup:
+        raise ConfigError(f"{path}: {dup.describe()}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -34,6 +34,15 @@ class RunFolderError(BlockdropError):
     """A run folder that cannot be used as asked (locked, changed, damaged)."""
 
 
+class OutputError(BlockdropError):
+    """An output path that cannot be written as asked: not a regular file, not one blockdrop wrote,
+    or not writable."""
+
+
+class DiskFullError(OutputError):
+    """A write refused for lack of space (a full disk or an exhausted quota)."""
+
+
 def listing(items, shown: int = 20) -> str:
     """At most ``shown`` items, comma-separated, with a count of the rest (for error messages)."""
     items = [str(i) for i in items]

@@ -39,6 +39,9 @@ class DataConfig:
     train_repeats: int = 1  # random training windows drawn per video per epoch
     min_keep: float = 0.5  # a segment cut by a training window is kept if this fraction survives
     cache_dir: str | None = None  # video: where decoded frames are cached as .npy
+    # what fills a window past the end of a video shorter than it (the mask marks those steps invalid):
+    # zeros (black frames), or repeat the last frame (step), as OpenTAD's LoadFrames pads its frame indices
+    tail_pad: Literal["zeros", "repeat"] = "zeros"
     augment: tuple[str, ...] = ()  # video training windows: "hflip", "channel_shuffle" (see data/dataset.py)
     num_workers: int = 0
     obtain: str | None = None  # how to get the data when root is missing (shown in the error)
@@ -84,6 +87,14 @@ class BackboneConfig:
     # frames within a window (TSN's RGB-difference modality); see docs/models.md
     input: Literal["rgb", "rgb_diff"] = "rgb"
     spatial_pool: Literal["mean", "max"] = "mean"  # videomae only: tokens -> one feature per tubelet step
+    # videomae only: the pixels the fixed sin-cos position table is laid out for (grid pos_size / patch, resized
+    # bicubically to the frames' grid). null: 224, the pretraining table, when backbone.checkpoint is set, else
+    # data.frame_size. A saved model records the value it was built with, so it rebuilds without its checkpoint
+    pos_size: int | None = None
+    # video kinds: input frames per feature step after a linear temporal resampling of the backbone's output.
+    # null: none, one step per tubelet (2 frames for VideoMAE); 1: one step per frame, as OpenTAD's
+    # Interpolate(size=window_size) after the VideoMAE backbone on THUMOS14 (768 frames -> 768 steps)
+    feature_stride: float | None = None
     # videomae only, AdaTAD temporal adapters: null (none), "all", or a list of block indices
     adapter_blocks: Any = None
     adapter_ratio: float = 0.25  # adapter channels = width * ratio
@@ -93,9 +104,13 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.kind == "sequence" and self.input != "rgb":
             raise ValueError(f"'input': {self.input!r} is for the video kinds (videomae, dinov2) only")
+        if self.kind == "sequence" and self.feature_stride is not None:
+            raise ValueError("'feature_stride' is for the video kinds (videomae, dinov2) only")
+        _positive("feature_stride", self.feature_stride)
+        _positive("pos_size", self.pos_size)
         if self.kind != "videomae":
             for name, default in (("spatial_pool", "mean"), ("adapter_blocks", None), ("adapter_ratio", 0.25),
-                                  ("adapter_kernel", 3), ("train_only_adapters", False)):
+                                  ("adapter_kernel", 3), ("train_only_adapters", False), ("pos_size", None)):
                 if getattr(self, name) != default:
                     raise ValueError(f"'{name}': {getattr(self, name)!r} is for kind videomae only")
         self._check_adapters()

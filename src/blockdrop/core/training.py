@@ -26,8 +26,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from blockdrop.core import distributed as dist
-from blockdrop.core.errors import CheckpointError, ConfigError, TrainingError
-from blockdrop.core.fileio import atomic_path, atomic_write_text
+from blockdrop.core.errors import ConfigError, TrainingError
+from blockdrop.core.fileio import append_text, atomic_write_text, load_state, save_torch, truncate_to
 from blockdrop.core.schema import TrainConfig
 from blockdrop.core.torchutil import model_device, to_device
 
@@ -107,21 +107,20 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 class _Logger:
     """Metrics as JSON lines; only rank 0 writes."""
 
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.before = path, None
 
     def __call__(self, record: dict) -> None:
         if self.path is not None and dist.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.before = append_text(self.path, json.dumps(record) + "\n")  # whole line or none
+
+    def undo(self) -> None:
+        """Drop the last line (its epoch's state was never saved)."""
+        if self.before is not None:
+            truncate_to(self.path, self.before)
 
     def rewrite(self, records: list[dict]) -> None:
         """Exactly these records (a resumed run: an epoch logged after the last saved state is
@@ -242,7 +241,11 @@ def fit(
         result.epochs_run = epoch + 1
         log(record)
         if state_path is not None and dist.is_main():
-            _save_state(state_path, model, ema, optimizer, scheduler, result, epoch + 1)
+            try:
+                _save_state(state_path, model, ema, optimizer, scheduler, result, epoch + 1)
+            except BaseException:  # metrics.jsonl holds the epochs of the saved state, no more
+                log.undo()
+                raise
             if on_checkpoint is not None:
                 on_checkpoint(epoch + 1)
         dist.barrier()
@@ -324,7 +327,7 @@ def _diverged(bad: _NonFinite, epoch: int, step: int, config_name: str, state_pa
 
 
 def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult, epoch: int) -> None:
-    _atomic_save(
+    save_torch(
         {
             "epoch": epoch,
             "model": model.state_dict(),
@@ -342,19 +345,17 @@ def _save_state(path: Path, model, ema, optimizer, scheduler, result: FitResult,
 
 
 def _load_state(path: Path, model, ema, optimizer, scheduler, result: FitResult) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def apply(state: dict) -> int:
         model.load_state_dict(state["model"])
-    except Exception as err:  # truncated, tampered or of another model: torch raises many kinds
-        raise CheckpointError(f"{path}: cannot resume from it ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                              f"delete it to redo this part of the run, or start over with --overwrite") from None
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
-    result.history = json.loads(state["history"])
-    result.initial = json.loads(state.get("initial", "null"))
-    result.epochs_run = int(state["epoch"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+        result.history = json.loads(state["history"])
+        result.initial = json.loads(state.get("initial", "null"))
+        result.epochs_run = int(state["epoch"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["epoch"])
+
+    return load_state(path, apply=apply, remedy="delete it to redo this part of the run, or start over with --overwrite")

@@ -11,6 +11,12 @@ Loading reads the caller's dict and never writes to it: the result is built from
 frozen objects, so a dataset cannot corrupt ground truth in place (a defect of the
 authors' release). Every problem raises ``AnnotationError`` with one line naming the
 file, the video id and the field. See docs/data-format.md for the decisions.
+
+Segments are kept as written, those past their video's duration included: ActionFormer's and
+OpenTAD's evaluators count them as ground truth (ActionFormer's THUMOS14 file has 30 such
+segments in 5 videos), so a reported mAP depends on keeping them. Training cannot see them:
+``Annotations.for_training()`` drops the segments that start at or after the duration and
+clips those that end after it, and counts both.
 """
 
 from __future__ import annotations
@@ -54,17 +60,56 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
+class Trimmed:
+    """What ``Annotations.for_training`` changed: segments dropped (they start at or after their
+    video's duration) and clipped (they end after it, by more than OVERSHOOT_TOLERANCE_S)."""
+
+    dropped: int
+    clipped: int
+
+    def as_dict(self) -> dict:
+        return {"dropped_past_duration": self.dropped, "clipped_to_duration": self.clipped}
+
+
+@dataclass(frozen=True)
 class Annotations:
     """A loaded, validated annotation file. Treat ``videos`` as read-only.
 
-    ``notes`` lists everything loading changed on purpose (clipped segments, dropped
-    videos or labels, duplicates kept), so nothing is altered silently.
+    ``notes`` lists everything loading changed or found on purpose (segments past the duration,
+    dropped videos or labels, duplicates kept), so nothing is altered silently. ``trimmed`` is
+    None for the segments as written, else what ``for_training`` changed.
     """
 
     videos: dict[str, VideoInfo]
     classes: tuple[str, ...]
     source: str | None = None
     notes: tuple[str, ...] = ()
+    trimmed: Trimmed | None = None
+
+    def past_duration(self) -> list[tuple[str, int, Segment]]:
+        """(video id, index, segment) of every segment that ends past its video's duration (beyond
+        float noise) or starts at or after it, in file order."""
+        return [(vid, i, seg) for vid, info in self.videos.items() for i, seg in enumerate(info.segments)
+                if seg.start >= info.duration or seg.end > info.duration + OVERSHOOT_TOLERANCE_S]
+
+    def for_training(self) -> Annotations:
+        """The segments training can see: those that start at or after their video's duration are
+        dropped, those that end after it end there (float-noise overshoots are clipped uncounted).
+        Evaluation keeps every segment as written, as ActionFormer's and OpenTAD's evaluators do."""
+        videos, dropped, clipped = {}, 0, 0
+        for vid, info in self.videos.items():
+            kept = []
+            for seg in info.segments:
+                if seg.start >= info.duration:
+                    dropped += 1
+                    continue
+                clipped += seg.end > info.duration + OVERSHOOT_TOLERANCE_S
+                kept.append(replace(seg, end=min(seg.end, info.duration)))
+            videos[vid] = replace(info, segments=tuple(kept))
+        note = (f"training: {dropped} segment(s) that start at or after their video's duration dropped, "
+                f"{clipped} that end after it clipped")
+        notes = self.notes + ((note,) if dropped or clipped else ())
+        return replace(self, videos=videos, notes=notes, trimmed=Trimmed(dropped, clipped))
 
     def subset(self, *names: str) -> Annotations:
         """The videos of the named subsets; classes are kept so label indices stay stable."""
@@ -111,7 +156,6 @@ class Preset:
     classes: tuple[str, ...] | None  # None: taken from the file (taxonomy, classes or labels)
     num_classes: int
     subsets: tuple[str, ...]
-    excluded_videos: frozenset[str] = frozenset()
     ignored_labels: frozenset[str] = frozenset()
     subset_rules: tuple[_SubsetRule, ...] = ()
 
@@ -119,9 +163,10 @@ class Preset:
 def get_preset(name: str) -> Preset:
     """The named dataset convention; built on call so there is no module-level mutable state."""
     if name == "thumos14":
+        # No video is left out: ActionFormer's evaluator scores video_test_0000270 and video_test_0001496
+        # as its file has them (OpenTAD's file omits 270), and so must ours to report the same mAP.
         return Preset(
             name="thumos14", classes=THUMOS14_CLASSES, num_classes=20, subsets=("validation", "test"),
-            excluded_videos=frozenset({"video_test_0000270", "video_test_0001496"}),
             ignored_labels=frozenset({"Ambiguous"}),
             subset_rules=(
                 _SubsetRule("video_validation_", "validation", frozenset({"training", "validation"})),
@@ -183,7 +228,7 @@ def _declared_classes(raw: dict, preset: Preset | None, where: str) -> tuple[str
                 or len(set(declared)) != len(declared)):
             raise _fail(where, None, "classes", "expected a list of distinct non-empty strings")
         declared = tuple(declared)
-    elif "taxonomy" in raw:
+    elif raw.get("taxonomy"):  # OpenTAD's thumos_14_anno.json has an empty "taxonomy": {}
         declared = _taxonomy_leaves(raw["taxonomy"], where)
     if declared is not None and not declared:
         raise _fail(where, None, "classes", "empty class set")
@@ -284,13 +329,13 @@ class _Reader:
             raise _fail(self.where, vid, name, f"negative start {start}")
         if end <= start:
             raise _fail(self.where, vid, name, f"end {end} <= start {start}")
-        if start >= duration:
-            raise _fail(self.where, vid, name, f"starts at {start} s, at or after the duration {duration} s")
-        if end > duration + OVERSHOOT_TOLERANCE_S:
+        if start >= duration or end > duration + OVERSHOOT_TOLERANCE_S:
+            where = "starts at or after" if start >= duration else "ends past"
             if self.overflow == "reject":
-                raise _fail(self.where, vid, name, f"end {end} s is beyond the duration {duration} s")
-            self.notes.append(f"{vid}: {name} end {end} s clipped to the duration {duration} s")
-        return min(end, duration)
+                raise _fail(self.where, vid, name, f"[{start}, {end}] s {where} the duration {duration} s")
+            self.notes.append(f"{vid}: {name} [{start}, {end}] s {where} the duration {duration} s "
+                              f"(kept for evaluation; training drops or clips it)")
+        return end
 
 
 def _final_classes(declared, videos, preset, where) -> tuple[str, ...]:
@@ -305,16 +350,18 @@ def _final_classes(declared, videos, preset, where) -> tuple[str, ...]:
     return classes
 
 
-def load_annotations(path_or_dict, *, preset: str | None = None, overflow: str = "clip",
+def load_annotations(path_or_dict, *, preset: str | None = None, overflow: str = "keep",
                      subsets=None) -> Annotations:
     """Load and validate an annotation file (path) or an already-parsed dict.
 
     preset: "thumos14" or "activitynet13" fixes class order and subset names.
-    overflow: "clip" clips segment ends past the duration (recorded in ``notes``), "reject" errors.
+    overflow: "keep" keeps segments past their video's duration as written (noted; what the
+    evaluators score), "reject" makes them an error. ``Annotations.for_training()`` gives what
+    training can see.
     subsets: subset names a video may have (after the preset's mapping); others error.
     """
-    if overflow not in ("clip", "reject"):
-        raise AnnotationError(f"field 'overflow': expected 'clip' or 'reject', got {overflow!r}")
+    if overflow not in ("keep", "reject"):
+        raise AnnotationError(f"field 'overflow': expected 'keep' or 'reject', got {overflow!r}")
     spec = get_preset(preset) if preset is not None else None
     raw, where = _read(path_or_dict)
     allowed = tuple(subsets) if subsets is not None else None
@@ -332,9 +379,6 @@ def load_annotations(path_or_dict, *, preset: str | None = None, overflow: str =
     reader = _Reader(where, overflow, known, spec, allowed)
     videos = {}
     for vid, entry in database.items():
-        if spec is not None and vid in spec.excluded_videos:
-            reader.notes.append(f"{vid}: excluded by the {spec.name} preset (known bad annotations)")
-            continue
         videos[vid] = reader.video(vid, entry)
     classes = _final_classes(declared, videos, spec, where)
     source = None if isinstance(path_or_dict, Mapping) else where

@@ -49,9 +49,16 @@ def augment_window(inputs: torch.Tensor, kinds, rng: np.random.Generator) -> tor
     return inputs.contiguous()
 
 
-def _window_input(array, start: int, window: int):
-    """(window, ...) tensor from array[start:start + window], zero-padded, and its (window,) mask.
+TAIL_PADS = ("zeros", "repeat")
 
+
+def _window_input(array, start: int, window: int, tail_pad: str = "zeros"):
+    """(window, ...) tensor from array[start:start + window], padded past the end, and its (window,) mask.
+
+    tail_pad "zeros" fills with zeros (black frames); "repeat" repeats the last step, as OpenTAD's
+    LoadFrames pads its frame indices (np.pad mode "edge"). Either way the mask marks the padding
+    invalid; the backbone still sees it, so the features of the last real steps depend on it (through
+    the clips that straddle the end and the adapters' temporal convolution).
     uint8 video stays uint8 (normalising is the model's job, and it is 4x smaller to move);
     anything else becomes float32.
     """
@@ -59,6 +66,8 @@ def _window_input(array, start: int, window: int):
     dtype = np.uint8 if chunk.dtype == np.uint8 else np.float32
     out = np.zeros((window,) + chunk.shape[1:], dtype=dtype)
     out[:len(chunk)] = chunk
+    if tail_pad == "repeat" and 0 < len(chunk) < window:
+        out[len(chunk):] = chunk[-1]
     mask = np.arange(window) < len(chunk)
     return torch.from_numpy(out), torch.from_numpy(mask)
 
@@ -75,7 +84,7 @@ class TADDataset(Dataset):
 
     def __init__(self, annotations: Annotations, source, *, window: int, train: bool, stride: int | None = None,
                  feature_stride: int = 1, seed: int = 0, min_keep: float = 0.5, repeats: int = 1,
-                 augment: tuple[str, ...] = ()):
+                 augment: tuple[str, ...] = (), tail_pad: str = "zeros"):
         if window < 1 or feature_stride < 1 or window % feature_stride:
             raise DataError(f"field 'window': {window} must be a positive multiple of "
                             f"feature_stride {feature_stride}")
@@ -86,12 +95,14 @@ class TADDataset(Dataset):
             raise DataError(f"field 'repeats': must be at least 1, got {repeats}")
         if seed < 0:
             raise DataError(f"field 'seed': must be non-negative, got {seed}")
+        if tail_pad not in TAIL_PADS:
+            raise DataError(f"field 'tail_pad': must be one of {list(TAIL_PADS)}, got {tail_pad!r}")
         self.annotations = annotations
         self.source = source
         self.rate = float(source.rate)
         self.window, self.train, self.stride = window, train, stride
         self.feature_stride, self.seed, self.min_keep = feature_stride, seed, min_keep
-        self.epoch, self.repeats, self.augment = 0, repeats, tuple(augment)
+        self.epoch, self.repeats, self.augment, self.tail_pad = 0, repeats, tuple(augment), tail_pad
         self._targets = {vid: _video_targets(annotations, vid, self.rate) for vid in annotations.videos}
         self._items = self._plan_items()
 
@@ -129,7 +140,7 @@ class TADDataset(Dataset):
             start, kept, indices = random_truncation(length, segments, self.window, rng, self.min_keep)
         else:
             kept, indices = crop_segments(segments, start, min(self.window, length - start), self.min_keep)
-        inputs, mask = _window_input(array, start, self.window)
+        inputs, mask = _window_input(array, start, self.window, self.tail_pad)
         if self.train and self.augment:
             if inputs.dim() != 4 or inputs.shape[-1] != 3:
                 raise DataError(f"video {video_id!r}: augment {list(self.augment)} needs (T, H, W, 3) frames, "

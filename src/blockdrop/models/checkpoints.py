@@ -188,17 +188,29 @@ def _check_pos_embed(vit: VisionTransformer, pos_embed: torch.Tensor) -> None:
                               "position embeddings are not supported")
 
 
+class AdaptersInCheckpoint(CheckpointError):
+    """A checkpoint with AdaTAD adapters read as a plain VideoMAE (adapters="fresh")."""
+
+
+class NoAdaptersInCheckpoint(CheckpointError):
+    """A plain VideoMAE checkpoint read as an AdaTAD one (adapters="checkpoint") by an adapted model."""
+
+
 def _fresh_adapters(vit: VisionTransformer, renamed: dict, origin: dict, adapters: str, source: str) -> list:
     """The model's adapter keys that keep their initial values: all of them when adapters="fresh"."""
     if adapters not in ADAPTER_MODES:
         raise ValueError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
-    if adapters == "checkpoint":
-        return []
     found = [origin[k] for k in renamed if _ADAPTER_KEY.match(k)]
+    wanted = [k for k in vit.state_dict() if _ADAPTER_KEY.match(k)]
+    if adapters == "checkpoint":
+        if wanted and not found:  # the whole adapter set is absent: a plain VideoMAE, not a broken AdaTAD file
+            raise NoAdaptersInCheckpoint(f"{source} holds no AdaTAD adapter weights (a plain VideoMAE checkpoint), "
+                                         f"but the model has {len(wanted)} adapter tensors to load")
+        return []
     if found:
-        raise CheckpointError(f"{source} holds AdaTAD adapter weights ({listing(found)}): load it with "
-                              f"adapters='checkpoint' (config: backbone.checkpoint_format adatad)")
-    return [k for k in vit.state_dict() if _ADAPTER_KEY.match(k)]
+        raise AdaptersInCheckpoint(f"{source} holds AdaTAD adapter weights ({listing(found)}), which a plain "
+                                   f"VideoMAE import would leave unread")
+    return wanted
 
 
 def load_mmaction_videomae(model: nn.Module, checkpoint: dict, *, prefix: str | None = None,
@@ -209,8 +221,9 @@ def load_mmaction_videomae(model: nn.Module, checkpoint: dict, *, prefix: str | 
     "state_dict"/"model"/"module", else the dict itself. Only keys under the backbone prefix are
     read (auto-detected; keys of the neck and head around it are not the backbone's business).
     adapters "checkpoint": the model's AdaTAD adapters (if any) must all be in the checkpoint, like
-    every other key; "fresh": the checkpoint is a plain VideoMAE (an adapter key in it is an
-    error) and the model's adapters keep their identity init, listed in the report's "fresh".
+    every other key (none at all raises NoAdaptersInCheckpoint); "fresh": the checkpoint is a plain
+    VideoMAE (an adapter key in it raises AdaptersInCheckpoint) and the model's adapters keep their
+    identity init, listed in the report's "fresh".
     """
     vit = _vit(model)
     if not isinstance(checkpoint, dict):
@@ -264,9 +277,12 @@ def export_mmaction_videomae(model: nn.Module, *, prefix: str = "backbone.", sty
 
 def opentad_backbone_args(model: nn.Module) -> dict:
     """OpenTAD `VisionTransformerAdapter` arguments for the exported model: the CURRENT depth and the
-    current positions of the adapted blocks (`adapter_index`), so a block-dropped model rebuilds there."""
+    current positions of the adapted blocks (`adapter_index`), so a block-dropped model rebuilds there,
+    and `img_size`, the pixels its sin-cos position table is laid out for (224 for a model from
+    pretrained weights; the frame size for one trained from scratch)."""
     vit = _vit(model)
     return {"embed_dims": vit.width, "depth": vit.depth, "num_heads": vit.blocks[0].attn.heads,
+            "img_size": vit.tokenizer.pos_grid[0] * vit.tokenizer.patch,
             "adapter_index": [i for i, block in enumerate(vit.blocks) if block.adapter is not None]}
 
 

@@ -323,9 +323,7 @@ class ClipVideoBackbone(nn.Module):
         feats = self.vit.pool(tokens, inner)  # (B*n, C, t)
         feats = feats.unflatten(0, (batch, n_clips)).permute(0, 2, 1, 3).flatten(2)  # (B, C, n*t)
         if self._feature_stride:
-            length = round(frames / self._feature_stride)
-            if length != feats.shape[-1]:
-                feats = F.interpolate(feats, size=length, mode="linear", align_corners=False)
+            feats = resample_time(feats, round(frames / self._feature_stride))
         return feats
 
     @staticmethod
@@ -352,6 +350,14 @@ class ClipVideoBackbone(nn.Module):
                 outputs.append(tokens)
         feats = self.pool(tokens, ctx)
         return (feats, outputs) if return_blocks else feats
+
+
+def resample_time(feats: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, C, T) -> (B, C, length), linear with align_corners=False: OpenTAD's Interpolate transform
+    after the backbone (THUMOS14: 384 tubelet steps -> 768). Same length: unchanged."""
+    if length == feats.shape[-1]:
+        return feats
+    return F.interpolate(feats, size=length, mode="linear", align_corners=False)
 
 
 def _size(size: str, overrides: dict) -> tuple[int, int, int]:

@@ -197,15 +197,23 @@ def depth_width_variants(model: nn.Module, example: torch.Tensor, *, drops: int,
     return out
 
 
+def check_counts(*, rounds: int, warmup: int, threads: int | None, classes: int | None,
+                 in_channels: int | None) -> None:
+    """The counting flags, before any model is built (each error names the flag)."""
+    for flag, value, least in (("--rounds", rounds, 0), ("--warmup", warmup, 0), ("--threads", threads, 1),
+                               ("--classes", classes, 1), ("--in-channels", in_channels, 1)):
+        if value is not None and value < least:
+            raise BlockdropError(f"{flag} {value}: must be at least {least}")
+
+
 def bench_config(cfg: ExperimentConfig, *, drop: int = 4, width: bool = False, rounds: int = 3,
                  threads: int | None = None, warmup: int = 2, min_run_time: float = 1.0,
                  classes: int | None = None, in_channels: int | None = None) -> list[dict]:
     """Cost rows of the config's detector (random weights): original, 1..``drop`` blocks dropped,
     and with ``width`` the width-pruned models of equal MACs; latency in ``rounds`` interleaved rounds."""
+    check_counts(rounds=rounds, warmup=warmup, threads=threads, classes=classes, in_channels=in_channels)
     cfg = replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))  # cost only
     in_channels = _in_channels(cfg, in_channels)
-    if threads is not None and threads < 1:
-        raise BlockdropError(f"--threads {threads}: must be at least 1")
     torch.manual_seed(0)
     detector = build_detector(cfg, _num_classes(cfg, classes), in_channels).eval()
     depth = len(detector.backbone.blocks)

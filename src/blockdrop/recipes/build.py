@@ -29,7 +29,7 @@ from blockdrop.compress.saving import load_compressed, read_compressed_metadata
 from blockdrop.compress.stack import find_block_stack
 from blockdrop.compress.width import apply_widths
 from blockdrop.core.config import from_dict, load_config, to_dict
-from blockdrop.core.errors import BlockdropError, ConfigError, DataError
+from blockdrop.core.errors import BlockdropError, CheckpointError, ConfigError, DataError
 from blockdrop.core.schema import BackboneConfig, DataConfig, ExperimentConfig, HeadConfig
 from blockdrop.data.annotations import Annotations, get_preset, load_annotations
 from blockdrop.data.check import check_media, describe_problems
@@ -73,8 +73,7 @@ def _num_classes(cfg: ExperimentConfig) -> int:
 def check_experiment(cfg: ExperimentConfig, source: str = "config") -> None:
     """What a config says that only the model can check, named by flag; raises ConfigError."""
     with torch.device("meta"):  # shapes and names only: no memory, no weights read
-        model = build_detector(replace(cfg, backbone=replace(cfg.backbone, checkpoint=None)),
-                               _num_classes(cfg), 3 if cfg.data.kind == "video" else 1)
+        model = build_detector(without_checkpoint(cfg), _num_classes(cfg), 3 if cfg.data.kind == "video" else 1)
     a, stop = cfg.compress.alignment, cfg.compress.stopping
     trainable = a.trainable if a.trainable is not None else DETECTOR_TRAINABLE
     try:
@@ -185,11 +184,13 @@ def _subset(annotations: Annotations, name: str, data: DataConfig) -> Annotation
 def split_annotations(data: DataConfig, annotations: Annotations, seed: int) -> dict[str, Annotations]:
     """{"train", "val", "test"} parts. With ``val_subset: null`` the validation videos are a
     seeded random ``val_fraction`` of the training subset (THUMOS14 has no validation split, and
-    selecting on test would leak), removed from training."""
+    selecting on test would leak), removed from training. "train" holds what training can see
+    (``Annotations.for_training``: segments past a video's duration dropped or clipped, counted in
+    its ``trimmed``); "val" and "test" keep every segment as written, as the evaluators score them."""
     train = _subset(annotations, data.train_subset, data)
     test = _subset(annotations, data.test_subset, data)
     if data.val_subset is not None:
-        return {"train": train, "val": _subset(annotations, data.val_subset, data), "test": test}
+        return {"train": train.for_training(), "val": _subset(annotations, data.val_subset, data), "test": test}
     ids = sorted(train.videos)
     count = max(1, round(len(ids) * data.val_fraction))
     if count >= len(ids):
@@ -197,7 +198,36 @@ def split_annotations(data: DataConfig, annotations: Annotations, seed: int) -> 
     held = set(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
     keep = {vid: info for vid, info in train.videos.items() if vid not in held}
     val = {vid: info for vid, info in train.videos.items() if vid in held}
-    return {"train": replace(train, videos=keep), "val": replace(train, videos=val), "test": test}
+    return {"train": replace(train, videos=keep).for_training(), "val": replace(train, videos=val), "test": test}
+
+
+def describe_annotations(data: DataConfig, annotations: Annotations, seed: int, shown: int = 5) -> list[str]:
+    """What `blockdrop data check` says of the annotation file: its size, the segments past their
+    video's duration (kept for evaluation) and what training makes of them."""
+    total = sum(len(v.segments) for v in annotations.videos.values())
+    lines = [f"{Path(data.root) / data.annotations}: {len(annotations.videos)} videos, {total} segments, "
+             f"{len(annotations.classes)} classes"]
+    past = annotations.past_duration()
+    if past:
+        named = ", ".join(f"{vid} [{seg.start:g}, {seg.end:g}] s (duration {annotations.videos[vid].duration:g} s)"
+                          for vid, _, seg in past[:shown])
+        more = f" and {len(past) - shown} more" if len(past) > shown else ""
+        lines.append(f"{len(past)} segment(s) in {len({vid for vid, _, _ in past})} video(s) lie past their video's "
+                     f"duration, kept for evaluation as ActionFormer's and OpenTAD's evaluators keep them: "
+                     f"{named}{more}")
+    train = training_record(split_annotations(data, annotations, seed))
+    lines.append(f"training ({data.train_subset}): {train['videos']} videos, {train['segments']} segments; "
+                 f"{train.get('dropped_past_duration', 0)} dropped (they start at or after the duration), "
+                 f"{train.get('clipped_to_duration', 0)} clipped to it")
+    return lines
+
+
+def training_record(parts: dict[str, Annotations]) -> dict:
+    """What a run's record says of the training annotations: videos, segments, and how many segments
+    past their video's duration training dropped or clipped."""
+    train = parts["train"]
+    record = {"videos": len(train.videos), "segments": sum(len(v.segments) for v in train.videos.values())}
+    return record | (train.trimmed.as_dict() if train.trimmed else {})
 
 
 def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: bool,
@@ -206,10 +236,32 @@ def make_dataset(cfg: ExperimentConfig, part: Annotations, source, *, train: boo
     stride = feature_stride if float(feature_stride).is_integer() else 1
     return TADDataset(part, source, window=cfg.data.window, train=train, stride=cfg.data.test_stride,
                       feature_stride=int(stride), seed=cfg.train.seed, min_keep=cfg.data.min_keep,
-                      repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment)
+                      repeats=cfg.data.train_repeats if train else 1, augment=cfg.data.augment,
+                      tail_pad=cfg.data.tail_pad)
 
 
 DINOV2_POS_SIZE = 518  # pixels: DINOv2's pretrained position table (Dinov2Config.image_size)
+VIDEOMAE_POS_SIZE = 224  # pixels: VideoMAE's pretrained sin-cos table (14 x 14 patches of 16 px)
+
+
+def resolve_architecture(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every architecture default that depends on other keys made explicit.
+
+    A VideoMAE's position table is laid out at 224 px when a pretrained checkpoint is loaded (and
+    resized to the frames), else at the frame size. The choice must outlive the checkpoint path:
+    a saved model rebuilds without it (``build_from_builder``), so the builder records this
+    resolved config, and a model built from a checkpoint gets the same table when it is reloaded.
+    """
+    bb = cfg.backbone
+    if bb.kind == "videomae" and bb.pos_size is None:
+        bb = replace(bb, pos_size=VIDEOMAE_POS_SIZE if bb.checkpoint else cfg.data.frame_size)
+    return replace(cfg, backbone=bb)
+
+
+def without_checkpoint(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same architecture, with nothing read from disk: the resolved config minus the checkpoint."""
+    cfg = resolve_architecture(cfg)
+    return replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
 
 
 def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn.Module:
@@ -221,21 +273,23 @@ def build_backbone(bb: BackboneConfig, data: DataConfig, in_channels: int) -> nn
         model = vit.sequence_vit(in_channels, bb.patch, **dims, drop_path_rate=bb.drop_path,
                                  max_len=data.window // bb.patch)
     elif bb.kind == "videomae":
-        pos = 224 if bb.checkpoint else data.frame_size  # pretrained tables are defined at 224 px
+        if bb.pos_size is None:
+            raise ValueError("build_backbone needs a resolved config (recipes.build.resolve_architecture)")
         try:
             video_vit = vit.videomae_vit(bb.size or "S", num_frames=bb.clip_len, patch=bb.patch,
-                                         tubelet=bb.tubelet, pos_img_size=pos, spatial_pool=bb.spatial_pool,
+                                         tubelet=bb.tubelet, pos_img_size=bb.pos_size, spatial_pool=bb.spatial_pool,
                                          drop_path_rate=bb.drop_path, adapter_blocks=bb.adapter_blocks,
                                          adapter_ratio=bb.adapter_ratio, adapter_kernel=bb.adapter_kernel, **dims)
         except ConfigError as err:  # adapter_blocks meets the depth only here
             raise ConfigError(f"backbone: {err}") from None
-        model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input)
+        model = vit.ClipVideoBackbone(video_vit, clip_len=bb.clip_len, input_mode=bb.input,
+                                      feature_stride=bb.feature_stride)
     else:
         # the learned position table is always DINOv2's own (518 px, 37 x 37 at patch 14), resized to the
         # frames in the forward: a rebuilt model (no checkpoint) has the same parameters as an imported one
         model = vit.ClipVideoBackbone(
             vit.dinov2_vit(bb.size or "S", bb.patch, img_size=DINOV2_POS_SIZE, drop_path_rate=bb.drop_path, **dims),
-            clip_len=bb.clip_len, input_mode=bb.input)
+            clip_len=bb.clip_len, input_mode=bb.input, feature_stride=bb.feature_stride)
     if bb.grad_checkpointing:
         (model.vit if hasattr(model, "vit") else model).set_grad_checkpointing(True)
     if bb.checkpoint is not None:
@@ -254,7 +308,16 @@ def load_pretrained_backbone(model: nn.Module, bb: BackboneConfig) -> None:
     state = checkpoints.load_checkpoint_file(bb.checkpoint)
     if bb.checkpoint_format in ("mmaction", "adatad"):  # a plain VideoMAE gets fresh adapters
         adapters = "checkpoint" if bb.checkpoint_format == "adatad" else "fresh"
-        checkpoints.load_mmaction_videomae(vit_model, state, adapters=adapters)
+        where = f"backbone.checkpoint {bb.checkpoint} (backbone.checkpoint_format: {bb.checkpoint_format})"
+        try:
+            checkpoints.load_mmaction_videomae(vit_model, state, adapters=adapters)
+        except checkpoints.NoAdaptersInCheckpoint as err:
+            raise ConfigError(f"{where}: {err}; for a pretrained VideoMAE (the adapters then start as the "
+                              f"identity) set backbone.checkpoint_format: mmaction") from None
+        except checkpoints.AdaptersInCheckpoint as err:
+            raise ConfigError(f"{where}: {err}; for an AdaTAD detector trained by OpenTAD set "
+                              f"backbone.checkpoint_format: adatad (backbone.adapter_blocks must match its "
+                              f"adapters)") from None
         return
     loader = {"hf_videomae": checkpoints.load_hf_videomae, "hf_dinov2": checkpoints.load_hf_dinov2}[bb.checkpoint_format]
     loader(vit_model, state)
@@ -269,14 +332,16 @@ def build_head(head: HeadConfig, in_channels: int, num_classes: int, max_seq_len
 
 def build_detector(cfg: ExperimentConfig, num_classes: int, in_channels: int) -> nn.Module:
     """Backbone + ActionFormer head for windows of ``cfg.data.window`` input steps."""
+    cfg = resolve_architecture(cfg)
     backbone = build_backbone(cfg.backbone, cfg.data, in_channels)
     max_seq_len = int(round(cfg.data.window / backbone.feature_stride))
     return Detector(backbone, build_head(cfg.head, backbone.out_channels, num_classes, max_seq_len))
 
 
 def detector_builder(cfg: ExperimentConfig, classes, in_channels: int) -> dict:
-    """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture."""
-    return {"kind": "blockdrop.detector", "config": to_dict(cfg), "classes": list(classes),
+    """A JSON-able description from which ``build_from_builder`` rebuilds the same architecture
+    (the resolved config: nothing depends on the checkpoint path, which is not re-read)."""
+    return {"kind": "blockdrop.detector", "config": to_dict(resolve_architecture(cfg)), "classes": list(classes),
             "in_channels": int(in_channels)}
 
 
@@ -293,18 +358,53 @@ def builder_config(builder: dict, source: str = "checkpoint metadata") -> Experi
 
 
 def build_from_builder(builder: dict) -> nn.Module:
-    """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow)."""
-    cfg = builder_config(builder)
-    cfg = replace(cfg, backbone=replace(cfg.backbone, checkpoint=None, checkpoint_format=None))
+    """Inverse of ``detector_builder``; pretrained-checkpoint paths are not re-read (weights follow).
+
+    Resolved before the checkpoint is dropped, so a model saved before the builder recorded its
+    position table (a VideoMAE built from a pretrained checkpoint) still rebuilds with the 224 px one."""
+    cfg = without_checkpoint(builder_config(builder))
     model = build_detector(cfg, len(builder["classes"]), builder["in_channels"])
     if builder.get("widths"):  # a width-pruned model (compress.width.with_widths)
         apply_widths(model, builder["widths"], stack="backbone.blocks")
     return model
 
 
-def load_detector(path: str | Path) -> tuple[nn.Module, dict]:
+def _file_kind(path: Path) -> str:
+    """"safetensors", "torch" (a torch.save zip or pickle: an OpenTAD / mmaction .pth) or "unknown",
+    from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return "unknown"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:3] == b"\x80\x02\x8a":  # torch.save: zip, or the legacy pickle's magic
+        return "torch"
+    return "unknown"
+
+
+def check_model_file(path: str | Path, flag: str = "the model file") -> Path:
+    """``path`` is a file that can be a blockdrop model; a PyTorch checkpoint (an OpenTAD or mmaction .pth
+    given where a model.safetensors goes) is refused saying how it gets in. ``flag`` names where the user
+    gave the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path}: file not found (a model.safetensors written by `blockdrop train` or "
+                              f"`blockdrop compress`)")
+    if _file_kind(path) == "torch":
+        raise CheckpointError(
+            f"{flag} {path}: a PyTorch checkpoint (.pth), not a blockdrop model: this takes the model.safetensors "
+            f"that `blockdrop train` or `blockdrop compress` writes. An OpenTAD or mmaction file comes in as a "
+            f"backbone: --set backbone.checkpoint={path} --set backbone.checkpoint_format=adatad (an AdaTAD "
+            f"detector; mmaction for pretrained VideoMAE weights), then `blockdrop train` (docs/opentad.md)")
+    return path
+
+
+def load_detector(path: str | Path, flag: str = "the model file") -> tuple[nn.Module, dict]:
     """A detector saved by `train` or `compress`, rebuilt from its own metadata (no config needed):
-    (model, builder)."""
+    (model, builder). ``flag`` names where the user gave the path, for the error messages."""
+    path = check_model_file(path, flag)
     model = load_compressed(path, build_from_builder)
     return model, read_compressed_metadata(path).builder
 

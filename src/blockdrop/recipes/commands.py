@@ -21,7 +21,7 @@ from blockdrop.data.annotations import load_annotations
 from blockdrop.data.hapt import convert_hapt
 from blockdrop.data.synthetic import SyntheticSpec, render_synthetic
 from blockdrop.recipes.bench import bench_config, cpu_name, format_table
-from blockdrop.recipes.build import load_experiment, load_experiment_annotations, make_source
+from blockdrop.recipes.build import describe_annotations, load_experiment, load_experiment_annotations, make_source
 from blockdrop.recipes.compress import compress_experiment
 from blockdrop.recipes.demo import run_demo
 from blockdrop.recipes.detect import detect_videos, plot_detections
@@ -62,6 +62,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
+    for line in describe_annotations(cfg.data, annotations, cfg.train.seed):
+        print(line)
     problems = check_media(source, annotations.videos, video=cfg.data.kind == "video", cache_dir=cfg.data.cache_dir)
     if problems:
         raise DataError(describe_problems(source, problems, shown=len(problems)))

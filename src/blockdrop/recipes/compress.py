@@ -25,9 +25,10 @@ from blockdrop.core.training import check_schedule, make_loader
 from blockdrop.data.dataset import collate_windows
 from blockdrop.core.config import to_dict
 from blockdrop.recipes.build import (builder_config, check_data, check_experiment, example_window, load_detector,
-                                     load_experiment_annotations, make_dataset, make_source, split_annotations)
+                                     load_experiment_annotations, make_dataset, make_source, resolve_architecture,
+                                     split_annotations, training_record)
 from blockdrop.recipes.report import write_report
-from blockdrop.recipes.runs import COMPRESS_SECTIONS, file_sha256, run_folder
+from blockdrop.recipes.runs import COMPRESS_RUN, file_sha256, run_folder
 from blockdrop.tad.inference import evaluate
 from blockdrop.tad.target import DetectorTarget
 
@@ -77,20 +78,21 @@ ARCHITECTURE_KEYS = {"data": ("kind", "window", "frame_size", "rate"),
 NOT_ARCHITECTURE = {"checkpoint", "checkpoint_format", "grad_checkpointing", "drop_path", "dropout"}
 
 
-def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path) -> None:
-    """The teacher must be the architecture the config describes, on the config's classes."""
-    teacher = to_dict(builder_config(builder, source=str(path)))
-    mine = to_dict(cfg)
+def check_teacher(cfg: ExperimentConfig, builder: dict, annotations, path: Path, role: str = "teacher") -> None:
+    """The teacher (or another saved model: ``role``, its flag's name) must be the architecture the
+    config describes, on the config's classes."""
+    teacher = to_dict(resolve_architecture(builder_config(builder, source=str(path))))
+    mine = to_dict(resolve_architecture(cfg))
     differ = []
     for section, keys in ARCHITECTURE_KEYS.items():
         names = keys or sorted(set(teacher[section]) | set(mine[section]))
-        differ += [f"{section}.{k} (teacher {teacher[section].get(k)!r}, config {mine[section].get(k)!r})"
+        differ += [f"{section}.{k} ({role} {teacher[section].get(k)!r}, config {mine[section].get(k)!r})"
                    for k in names if k not in NOT_ARCHITECTURE and teacher[section].get(k) != mine[section].get(k)]
     if differ:
-        raise ConfigError(f"--teacher {path}: its architecture differs from the config in {'; '.join(differ)}; "
-                          f"use the config the teacher was trained with")
+        raise ConfigError(f"--{role} {path}: its architecture differs from the config in {'; '.join(differ)}; "
+                          f"use the config the {role} was trained with")
     if list(annotations.classes) != list(builder["classes"]):
-        raise ConfigError(f"--teacher {path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
+        raise ConfigError(f"--{role} {path}: its classes differ from {cfg.data.root}/{cfg.data.annotations}")
 
 
 def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = None, out: str | Path | None = None,
@@ -108,13 +110,14 @@ def compress_experiment(cfg: ExperimentConfig, *, teacher: str | Path | None = N
     out = Path(out or cfg.output)
     device = dist.init_from_env()  # first: rank is only known once the process group is up
     annotations = load_experiment_annotations(cfg.data)
-    teacher_model, builder = load_detector(teacher_path)
+    teacher_model, builder = load_detector(teacher_path, flag="--teacher")
     check_teacher(cfg, builder, annotations, teacher_path)
     source = make_source(cfg.data, annotations)
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
     identity = {"teacher_sha256": dist.main_result(lambda: file_sha256(teacher_path)),
-                "skipped_media": sorted(skipped)}
-    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=COMPRESS_SECTIONS, identity=identity,
+                "skipped_media": sorted(skipped),
+                "train_annotations": training_record(split_annotations(cfg.data, annotations, cfg.train.seed))}
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, kind=COMPRESS_RUN, identity=identity,
                     allow_changes=allow_config_change) as run:
         history = _compress(cfg, out, device, teacher_model.to(device), builder, annotations, source, resume,
                             progress, run.commit)

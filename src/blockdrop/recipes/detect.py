@@ -33,7 +33,7 @@ from blockdrop.core.errors import BlockdropError, ConfigError, DataError
 from blockdrop.core.schema import EvalConfig, ExperimentConfig
 from blockdrop.data.annotations import Annotations, VideoInfo
 from blockdrop.data.video import VideoMeta, num_output_frames, probe_video, stream_video
-from blockdrop.recipes.build import builder_config, load_detector, make_dataset
+from blockdrop.recipes.build import builder_config, check_model_file, load_detector, make_dataset
 from blockdrop.recipes.timeline import plot_timeline
 from blockdrop.tad.inference import predict_windows, results_from_windows
 
@@ -179,9 +179,34 @@ def resolve_device(name: str | None) -> torch.device:
 
 def checkpoint_builder(checkpoint: Path) -> dict:
     """The builder a saved detector carries, read from its metadata alone (no weights)."""
-    if not checkpoint.is_file():
-        raise BlockdropError(f"--checkpoint {checkpoint}: file not found (a model.safetensors from train or compress)")
-    return read_compressed_metadata(checkpoint).builder
+    return read_compressed_metadata(check_model_file(checkpoint, "--checkpoint")).builder
+
+
+def probe_videos(paths: dict[str, Path]) -> dict[str, VideoMeta]:
+    """Every file's headers; the bad ones are one error naming them all (as the media check does)."""
+    metas, bad = {}, []
+    for video_id, path in paths.items():
+        try:
+            metas[video_id] = probe_video(path)
+        except DataError as err:
+            bad.append(" ".join(str(err).split()))
+    if len(bad) > 1:
+        raise DataError(f"{len(bad)} bad video files: {'; '.join(bad)}")
+    if bad:
+        raise DataError(bad[0])
+    return metas
+
+
+def check_rate(settings: DetectSettings, metas: dict[str, VideoMeta], paths: dict[str, Path]) -> None:
+    """Refuse a decode rate at which a window spans less than one frame of a video: each frame would
+    be repeated in many windows, and the work would grow with the rate for nothing."""
+    window = settings.experiment.data.window
+    video_id = max(metas, key=lambda v: settings.rate / metas[v].fps)
+    source = metas[video_id].fps
+    if window / settings.rate < 1 / source:
+        raise ConfigError(f"--fps {settings.rate:g}: a window of {window} frames would span "
+                          f"{1000 * window / settings.rate:.2g} ms, less than one frame of {paths[video_id]} "
+                          f"({source:g} fps, {1000 / source:.3g} ms a frame); use at most {window * source:g}")
 
 
 def detect_videos(videos: Sequence[str | os.PathLike], checkpoint: str | os.PathLike, *, fps: float | None = None,
@@ -190,14 +215,20 @@ def detect_videos(videos: Sequence[str | os.PathLike], checkpoint: str | os.Path
     """Detections of a saved video detector on each file: ``{"results": {stem: [{"segment": [s, e],
     "label": name, "score": p}, ...]}}``, segments in seconds, each video's sorted by score.
 
-    Every file is probed before the model runs, so a bad one fails fast.
+    Every file is probed before the model runs, so bad ones fail fast, all named in one error; a
+    ``fps`` at which a window spans less than one frame of a video is refused.
     """
     checkpoint = Path(checkpoint)
     paths = video_ids(videos)
-    metas = {video_id: probe_video(path) for video_id, path in paths.items()}
-    settings = detect_settings(checkpoint_builder(checkpoint), checkpoint, fps=fps, min_score=min_score, warn=warn)
+    metas = probe_videos(paths)
+    notes: list[str] = []  # told only once the rate is known to be usable
+    settings = detect_settings(checkpoint_builder(checkpoint), checkpoint, fps=fps, min_score=min_score,
+                               warn=notes.append)
+    check_rate(settings, metas, paths)
+    for note in notes:
+        (warn or _warn)(note)
     target = resolve_device(device)
-    model, _ = load_detector(checkpoint)  # only now are weights read: every check above is cheap
+    model, _ = load_detector(checkpoint, "--checkpoint")  # only now are weights read: every check above is cheap
     model.to(target)
     results = {}
     for video_id, path in paths.items():

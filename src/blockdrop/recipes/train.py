@@ -21,8 +21,8 @@ from blockdrop.core.training import check_schedule, fit, make_loader, seed_every
 from blockdrop.data.dataset import collate_windows
 from blockdrop.recipes.build import (build_detector, check_data, check_experiment, data_fingerprint, detector_builder,
                                      input_channels, load_experiment_annotations, make_dataset, make_source,
-                                     software_versions, split_annotations)
-from blockdrop.recipes.runs import MODEL_FILE, TRAIN_SECTIONS, run_folder
+                                     software_versions, split_annotations, training_record)
+from blockdrop.recipes.runs import MODEL_FILE, TRAIN_RUN, run_folder
 from blockdrop.tad.inference import evaluate
 
 
@@ -57,8 +57,10 @@ def train_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, re
     annotations = load_experiment_annotations(cfg.data)
     source = make_source(cfg.data, annotations)
     annotations, skipped = dist.main_result(lambda: check_data(cfg, annotations, source, skip_bad=skip_bad_media))
-    with run_folder(cfg, out, resume=resume, overwrite=overwrite, sections=TRAIN_SECTIONS,
-                    identity={"skipped_media": sorted(skipped)}, allow_changes=allow_config_change) as run:
+    identity = {"skipped_media": sorted(skipped),
+                "train_annotations": training_record(split_annotations(cfg.data, annotations, cfg.train.seed))}
+    with run_folder(cfg, out, resume=resume, overwrite=overwrite, kind=TRAIN_RUN,
+                    identity=identity, allow_changes=allow_config_change) as run:
         return _train(cfg, out, device, annotations, source, skipped, resume, progress, run.commit)
 
 
@@ -96,6 +98,7 @@ def _train(cfg: ExperimentConfig, out: Path, device, annotations, source, skippe
                "blocks": model.backbone.depth, "model": str(out / MODEL_FILE),
                "threads": torch.get_num_threads(), "world_size": dist.world_size(),
                "data": data_fingerprint(cfg.data, annotations, source), "skipped_media": skipped,
+               "train_annotations": training_record(parts),
                "software": software_versions(cfg.data.kind == "video")}
     if dist.is_main():
         write_json(out / "summary.json", summary)
