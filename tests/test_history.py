@@ -2,6 +2,9 @@
 
 tests/data/history_v1.json is a real history.json written by the landed code before the typed
 history (the `blockdrop demo` compression of this repository's commit 17848e9, unedited).
+tests/data/history_v2.json is a real history.json of format 2 written before selection strategies
+(commit b26e374: `blockdrop compress` of a tiny 4-block detector by 2 blocks, mAP selection with
+successive halving, first round 1 batch), unedited.
 """
 
 import json
@@ -13,6 +16,7 @@ from blockdrop.compress.history import History, HistoryError
 from blockdrop.recipes.report import render_report
 
 V1 = Path(__file__).parent / "data" / "history_v1.json"
+V2 = Path(__file__).parent / "data" / "history_v2.json"
 
 
 def test_a_history_of_the_first_releases_loads_typed():
@@ -53,3 +57,53 @@ def test_a_damaged_history_is_one_clear_error(tmp_path, damage, message):
     with pytest.raises(HistoryError, match=message) as err:
         History.load(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_a_history_written_before_selection_strategies_loads_as_the_papers():
+    raw = json.loads(V2.read_text())
+    history = History.load(V2)
+    for step, old in zip(history.steps, raw["steps"]):
+        sel = step.selection
+        assert sel.strategy == "pre-recovery" and sel.trial is None and "strategy" not in old["selection"]
+        assert sel.scores == {int(k): v for k, v in old["selection"]["scores"].items()}
+        # the ranking is derived: the last halving round's candidates first, by score, then the rest
+        finalists = sorted(sel.rounds[-1]["candidates"], key=lambda k: -sel.scores[k])
+        assert sel.ranking[: len(finalists)] == finalists and sel.ranking[0] == sel.chosen_original
+        assert sorted(sel.ranking) == sorted(sel.scores) and sel.order == sel.ranking
+    assert "2 of 4 blocks dropped" in render_report(history)
+
+
+def test_the_new_selection_records_round_trip(tmp_path):
+    from blockdrop.compress.history import SelectionRecord, TrialRecord
+
+    history = History.load(V2)
+    trial = TrialRecord(shortlist=[3, 1, 2], batches=8, evaluator="map", metric="average_mAP", higher_is_better=True,
+                        scores={3: 10.5, 1: 12.25, 2: float("nan")}, ranking=[1, 3, 2], block_forwards=321,
+                        wall_time_s=4.5)
+    history.steps[0].selection = SelectionRecord(
+        "feature_cosine", None, False, {0: 0.4, 1: 0.2, 2: 0.3, 3: 0.1}, 1, 1, [1], block_forwards=400,
+        wall_time_s=5.0, batches=3, strategy="recovery-aware", trial=trial)
+    history.steps[1].selection = SelectionRecord("original_index", None, True, {0: 0.0, 2: 2.0, 3: 3.0}, 2, 3, [3],
+                                                 strategy="truncate-last", ranking=[3, 2, 0])
+    history.save(tmp_path / "history.json")
+    again = History.load(tmp_path / "history.json")
+    first, second = again.steps[0].selection, again.steps[1].selection
+    assert first.ranking == [3, 1, 2, 0] and first.trial.ranking == [1, 3, 2] and first.order == [1, 3, 2, 0]
+    assert first.trial.scores[1] == 12.25 and first.trial.scores[2] != first.trial.scores[2]  # NaN survives
+    assert (first.trial.batches, first.trial.block_forwards, first.trial.wall_time_s) == (8, 321, 4.5)
+    assert second.strategy == "truncate-last" and second.ranking == [3, 2, 0]
+    assert again.to_json() == json.loads((tmp_path / "history.json").read_text())
+    path = tmp_path / "selection.json"  # a step's own record, as resume reads it
+    path.write_text(json.dumps(History.selection_to_json(first)))
+    step_file = History.selection_from_json(json.loads(path.read_text()), str(path))
+    assert step_file.order == first.order and step_file.trial.shortlist == [3, 1, 2]
+    assert step_file.trial.scores[3] == 10.5 and step_file.strategy == "recovery-aware"
+
+
+def test_a_damaged_trial_record_names_its_field(tmp_path):
+    data = json.loads(V2.read_text())
+    data["steps"][0]["selection"].update(strategy="recovery-aware", trial={"shortlist": [1, "x"], "batches": 8})
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(HistoryError, match=r"field 'steps\[0\]\.selection\.trial\.shortlist' is not a list of block"):
+        History.load(path)

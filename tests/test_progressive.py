@@ -138,6 +138,30 @@ def test_target_macs_and_one_shot_stopping(teacher, tmp_path):
     assert len(step.align.epochs) == 4  # the budget of two progressive steps in one alignment
 
 
+def test_selection_strategies_from_the_config(teacher, tmp_path):
+    """compress.selection.strategy through `blockdrop compress`: truncate-last drops the last kept
+    blocks by original index; recovery-aware records its trials in selection.json and the history."""
+    config, teacher_path = teacher
+    last = compress_experiment(_cfg(config, "compress.selection.strategy=truncate-last"), teacher=teacher_path,
+                               out=tmp_path / "last", progress=False)
+    assert [s.dropped_original for s in last.steps] == [[3], [2]]
+    assert all(s.selection.strategy == "truncate-last" and s.selection.block_forwards == 0 for s in last.steps)
+    aware = compress_experiment(_cfg(config, "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
+                                     "compress.selection.trial_batches=1", "compress.stopping.max_blocks=1"),
+                                teacher=teacher_path, out=tmp_path / "aware", progress=False)
+    selection = aware.steps[0].selection
+    assert selection.strategy == "recovery-aware" and selection.evaluator == "map"  # shortlisted by the paper's score
+    assert selection.trial.evaluator == "map" and selection.trial.metric == "average_mAP"
+    assert selection.trial.shortlist == selection.ranking[:2] and selection.trial.batches == 1
+    assert aware.steps[0].dropped_original == [selection.trial.ranking[0]] == [selection.chosen_original]
+    on_disk = History.selection_from_json(json.loads((tmp_path / "aware" / "step_01" / "selection.json").read_text()),
+                                          "selection.json")
+    assert on_disk == selection
+    report = (tmp_path / "aware" / "report.md").read_text()
+    assert f"chose original block {selection.chosen_original}" in report
+    assert f"Recovery-aware: the 2 best ({selection.trial.shortlist}) each aligned for 1 batches" in report
+
+
 def test_drop_only_and_an_alignment_subset_of_videos(teacher, tmp_path, monkeypatch):
     """compress.alignment.videos fine-tunes on a seeded subset of the training videos;
     compress.alignment.enabled=false drops with no recovery: the saved model is the teacher minus
@@ -218,18 +242,24 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
+def _torchrun_compress(teacher, out, settings: list[str]) -> subprocess.CompletedProcess:
+    """`blockdrop compress` under torchrun, 2 gloo processes, one thread each."""
+    config, teacher_path = teacher
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    sets = [arg for item in settings for arg in ("--set", item)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
+                          "--teacher", str(teacher_path), "--out", str(out), "--quiet", *sets],
+                         cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
     """`blockdrop compress` under PyTorch's launcher: the ranks form one process group (the
     alignment trains with DDP), agree on every dropped block, and leave one run folder written by
     rank 0 whose model loads in a single process."""
-    config, teacher_path = teacher
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    sets = [arg for item in COMPRESS for arg in ("--set", item)]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), "-m", "blockdrop", "compress", str(config),
-                          "--teacher", str(teacher_path), "--out", str(tmp_path / "ddp"), "--quiet", *sets],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _torchrun_compress(teacher, tmp_path / "ddp", COMPRESS)
     assert run.stdout.count("stopped: dropped max_blocks=2") == 1  # one table: rank 0 prints
     history = History.load(tmp_path / "ddp" / "history.json")
     assert history.world_size == 2 and history.stopped == "dropped max_blocks=2"
@@ -240,6 +270,18 @@ def test_compress_under_torchrun_with_two_gloo_processes(teacher, tmp_path):
         assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
     model, _ = load_detector(tmp_path / "ddp" / "model.safetensors")
     assert kept_blocks(model, stack="backbone.blocks") == steps[-1].kept_blocks
+
+
+def test_recovery_aware_under_torchrun_trains_its_trials_on_every_rank(teacher, tmp_path):
+    """recovery-aware's trial alignments train with DDP on both ranks (their selection would hang
+    otherwise), rank 0 scores them, and both ranks drop the block it chose."""
+    _torchrun_compress(teacher, tmp_path / "ddp", COMPRESS + [
+        "compress.stopping.max_blocks=1", "compress.selection.strategy=recovery-aware", "compress.selection.shortlist=2",
+        "compress.selection.trial_batches=2"])
+    history = History.load(tmp_path / "ddp" / "history.json")
+    selection = history.steps[0].selection
+    assert history.world_size == 2 and selection.trial.batches == 2 and len(selection.trial.shortlist) == 2
+    assert history.steps[0].dropped_original == [selection.trial.ranking[0]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -267,7 +267,7 @@ def test_successive_halving_keeps_the_best_and_spends_less(evaluator):
     model = ToyNet(depth=6, quiet=4)
     batches = toy_batches(model, sizes=(2,) * 8)
     full = toy_select(model, batches, evaluator)
-    halved = toy_select(model, batches, evaluator, halving=Halving(first=1, keep=0.5))
+    halved = toy_select(model, batches, evaluator, halving=Halving(first=1, keep=0.5, final=0))
     assert halved.chosen_original == full.chosen_original == 4
     # rounds at 1, 2, 4 batches: 6 -> 3 -> 2 -> 1 candidates, then no more data is read
     assert [r["batches"] for r in halved.rounds] == [1, 2, 4]
@@ -288,7 +288,7 @@ def test_halving_with_a_first_round_as_large_as_the_data_is_the_exhaustive_choic
     model = ToyNet(depth=5, quiet=2)
     batches = toy_batches(model)
     full = toy_select(model, batches, "map")
-    halved = toy_select(model, batches, "map", halving=Halving(first=len(batches), keep=0.5))
+    halved = toy_select(model, batches, "map", halving=Halving(first=len(batches), keep=0.5, final=0))
     assert halved.chosen == full.chosen and halved.scores == pytest.approx(full.scores)
     assert halved.block_forwards == full.block_forwards
     with pytest.raises(BlockdropError, match="successive halving needs"):
@@ -323,3 +323,27 @@ def test_halving_on_a_tiny_detector_scores_partial_data_against_the_videos_seen(
     for label, ap in part["per_class"].items():
         scale = count(label, seen) / count(label, annotations.videos)
         assert whole["per_class"][label][0.5] == pytest.approx(ap[0.5] * scale)
+
+
+def test_halving_finalists_decide_on_all_the_data():
+    """final=0.33 of 6 candidates: halving stops at two, which are then scored on every batch, so
+    their final scores are the full-data ones and the choice between them is the exhaustive choice."""
+    model = ToyNet(depth=6, quiet=4)
+    batches = toy_batches(model, sizes=(2,) * 8)
+    full = toy_select(model, batches, "map")
+    assert [Halving(final=0.33).finalists(n) for n in (5, 6, 9, 10, 11, 12)] == [2, 2, 3, 4, 4, 4]
+    assert Halving(final=0).finalists(12) == 1 and Halving(final=0.5).finalists(6) == 3
+    halved = toy_select(model, batches, "map", halving=Halving(first=1, keep=0.5, final=0.33))
+    assert [r["batches"] for r in halved.rounds] == [1, 2, 8] and halved.batches == 8
+    assert [len(r["candidates"]) for r in halved.rounds] == [6, 3, 2]
+    finalists = halved.rounds[-1]["candidates"]
+    for k in finalists:
+        assert halved.scores[k] == pytest.approx(full.scores[k], abs=1e-12)
+    assert halved.chosen_original == max(finalists, key=lambda k: full.scores[k]) == full.chosen_original == 4
+    assert halved.ranking[:2] == sorted(finalists, key=lambda k: -full.scores[k])  # finalists first
+    survivors = [r["candidates"] for r in halved.rounds]
+    assert halved.block_forwards == (shared_prefix_cost(6, survivors[0]) + shared_prefix_cost(6, survivors[1])
+                                     + 6 * shared_prefix_cost(6, survivors[2]))
+    # as many finalists as candidates: no round is cut short, the exhaustive pass
+    everyone = toy_select(model, batches, "map", halving=Halving(first=1, keep=0.5, final=1.0))
+    assert everyone.block_forwards == full.block_forwards and everyone.scores == pytest.approx(full.scores)

@@ -17,6 +17,7 @@ import copy
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 from torch import nn
 
@@ -25,8 +26,8 @@ from blockdrop.compress.history import Cost, History
 from blockdrop.compress.lora import check_lora
 from blockdrop.compress.progressive import MODEL_FILE, Setup, progressive_block_drop
 from blockdrop.compress.saving import load_compressed, save_compressed
-from blockdrop.compress.selection import SCORE_EVALUATORS, check_evaluator
 from blockdrop.compress.stack import find_block_stack
+from blockdrop.compress.strategies import selection_strategy
 from blockdrop.compress.target import FeatureTarget, Scored, TargetForward, output_cosine
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.measure import count_macs, count_params, measure_latency
@@ -62,7 +63,8 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
                    val_data: Iterable | None = None, validate: Callable[[nn.Module], dict] | None = None,
                    metric: str | None = None, max_blocks: int | None = None,
                    target_macs_reduction: float | None = None, max_accuracy_drop: float | None = None,
-                   evaluator: str | None = None, block_metric: str | None = None, strategy: str = "progressive",
+                   evaluator: str | None = None, block_metric: str | None = None,
+                   selection: str | SelectionConfig = "pre-recovery", strategy: str = "progressive",
                    teacher_mode: str = "original", align: bool = True, lora: bool = True, lora_rank: int | None = None,
                    lora_targets=None, trainable=None, adapters: bool | None = None,
                    weights: Mapping[str, float] | None = None, score_unaligned: bool = True,
@@ -80,8 +82,11 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     Validation decides each alignment's epoch (epoch 0, the unaligned student, included when
     ``score_unaligned``) and the accuracy budget: ``validate(model) -> metrics`` with ``metric``
     naming the key, or by default for a `FeatureTarget` the output cosine to the teacher on
-    ``val_data`` (else ``selection_data``), metric "cosine". ``evaluator`` defaults to "score" for a
-    target with a score (ranked by ``block_metric``) and to "feature_cosine" otherwise. Stopping:
+    ``val_data`` (else ``selection_data``), metric "cosine". ``selection`` names the selection
+    strategy ("pre-recovery", "block-influence", "truncate-last", "recovery-aware"; docs/compression.md)
+    with its defaults, or is a `SelectionConfig` with every setting (then without ``evaluator`` /
+    ``block_metric``). ``evaluator`` defaults to "score" for a target with a score (ranked by
+    ``block_metric``) and to "feature_cosine" otherwise. Stopping:
     ``max_blocks``, ``target_macs_reduction``, ``max_accuracy_drop`` (at least one of the first two).
     ``align=False`` drops without any recovery (the drop-only baseline; the LoRA and training
     arguments are then unused). LoRA: ``lora_rank`` (width // 4), ``lora_targets`` (the blocks' attention projections),
@@ -95,15 +100,16 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     architecture from ``model`` itself).
     """
     target = target if target is not None else FeatureTarget(model)
-    evaluator = evaluator or ("score" if isinstance(target, Scored) else "feature_cosine")
+    if not isinstance(selection, SelectionConfig):
+        evaluator = evaluator or ("score" if isinstance(target, Scored) else "feature_cosine")
     if validate is None and isinstance(target, FeatureTarget):
         held = list(val_data if val_data is not None else selection_data)
         validate, metric = output_cosine(target, model, held), "cosine"
     if validate is not None and not metric:
         raise BlockdropError("compress_model: validate needs metric= (the key of its result that picks epochs)")
     try:
-        cfg = _settings(evaluator, block_metric, strategy, teacher_mode, max_blocks, target_macs_reduction,
-                        max_accuracy_drop, AlignmentConfig(
+        cfg = _settings(_selection(selection, evaluator, block_metric), strategy, teacher_mode, max_blocks,
+                        target_macs_reduction, max_accuracy_drop, AlignmentConfig(
                             enabled=align, lora=lora, lora_rank=lora_rank, lora_targets=lora_targets, trainable=trainable,
                             adapters=adapters, weights=dict(weights or {}), score_unaligned=score_unaligned,
                             train=train or TrainConfig(epochs=1, lr=1e-4, warmup_epochs=0, ema_decay=0.0)))
@@ -127,11 +133,24 @@ def compress_model(model: nn.Module, *, train_data: Iterable, selection_data: It
     return compressed, history
 
 
-def _settings(evaluator, block_metric, strategy, teacher_mode, max_blocks, target_macs_reduction, max_accuracy_drop,
-              alignment: AlignmentConfig) -> CompressConfig:
+def _selection(selection, evaluator, block_metric) -> SelectionConfig:
+    """``selection`` as a SelectionConfig: a strategy's name takes ``evaluator`` / ``block_metric``."""
+    if isinstance(selection, SelectionConfig):
+        if evaluator is not None or block_metric is not None:
+            raise BlockdropError("compress_model: selection=SelectionConfig(...) carries its own evaluator and "
+                                 "block_metric; leave the evaluator= and block_metric= arguments out")
+        return selection
+    names = get_args(get_type_hints(SelectionConfig)["strategy"])
+    if selection not in names:
+        raise BlockdropError(f"selection: unknown strategy {selection!r} (choose from {', '.join(names)}, or pass "
+                             f"a SelectionConfig)")
+    return SelectionConfig(strategy=selection, evaluator=evaluator, block_metric=block_metric or "")
+
+
+def _settings(selection: SelectionConfig, strategy, teacher_mode, max_blocks, target_macs_reduction,
+              max_accuracy_drop, alignment: AlignmentConfig) -> CompressConfig:
     return CompressConfig(
-        teacher_mode=teacher_mode, strategy=strategy,
-        selection=SelectionConfig(evaluator=evaluator, block_metric=block_metric or ""),
+        teacher_mode=teacher_mode, strategy=strategy, selection=selection,
         stopping=StoppingConfig(max_blocks=max_blocks, target_macs_reduction=target_macs_reduction,
                                 max_accuracy_drop=max_accuracy_drop),
         alignment=alignment)
@@ -153,11 +172,11 @@ class _folder:
 
 def _check(model: nn.Module, target, cfg: CompressConfig, validate, metric, max_accuracy_drop, train_data) -> None:
     """Every setting against the model, before the teacher is even scored (errors name the argument)."""
-    check_evaluator(target, cfg.selection.evaluator, where="evaluator")
-    if cfg.selection.evaluator in SCORE_EVALUATORS and not cfg.selection.block_metric:
-        raise BlockdropError(f"block_metric: the {cfg.selection.evaluator!r} evaluator ranks candidates by a key of "
-                             f"the target's score; name it")
     a = cfg.alignment
+    if cfg.selection.strategy == "recovery-aware" and not a.enabled:
+        raise BlockdropError("selection: recovery-aware ranks candidates by how they recover in a trial alignment, "
+                             "but align=False (drop-only); choose pre-recovery, block-influence or truncate-last")
+    selection_strategy(cfg).check(target, prefix="")  # errors name the argument: evaluator, block_metric, ...
     resolve_weights(target, a.weights, where="weights")
     check_lora(model, target.stack_path, targets=a.lora_targets,
                trainable=a.trainable if a.trainable is not None else target.trainable, rank=a.lora_rank,

@@ -9,6 +9,7 @@ each record) is read and converted. Anything else is an error that says how to r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,41 @@ class Cost:
     extra: dict[str, float] = field(default_factory=dict)  # e.g. backbone_gmacs
 
 
+def rank_candidates(scores: dict, rounds: list, higher_is_better: bool) -> list:
+    """Candidates best first: those that survived more successive-halving rounds first (an
+    eliminated one's score is from fewer batches, not comparable), then by score, NaN last; ties go
+    to the lower key. ``rounds`` name their candidates by the same keys as ``scores``."""
+    survived = dict.fromkeys(scores, len(rounds))
+    for i, r in enumerate(rounds):
+        for k in set(scores) - set(r["candidates"]):
+            survived[k] = min(survived[k], i)
+    sign = -1.0 if higher_is_better else 1.0
+    return sorted(scores, key=lambda k: (-survived[k], math.isnan(scores[k]), sign * scores[k], k))
+
+
+@dataclass
+class TrialRecord:
+    """Recovery-aware selection: the shortlist's trial alignments, and its scores after them."""
+
+    shortlist: list[int]  # original indices, best first by the cheap pre-alignment score
+    batches: int  # alignment batches each candidate was given (the same for all)
+    evaluator: str  # what scored them after it: the selection's evaluator, or "align_loss"
+    metric: str | None
+    higher_is_better: bool
+    scores: dict[int, float]  # per shortlisted original index, on the selection data after its trial
+    ranking: list[int]  # the post-alignment ranking: the shortlist by those scores, best first
+    block_forwards: int = 0  # block forwards of the trials: training (student and teacher) and scoring
+    wall_time_s: float = 0.0
+
+
 @dataclass
 class SelectionRecord:
-    """One selection: every candidate's score (by original index) and the blocks this step drops."""
+    """One selection: every candidate's score (by original index) and the blocks this step drops.
+
+    ``scores`` / ``ranking`` are the pre-alignment ones (the strategy's evaluator, or for
+    recovery-aware its cheap shortlist score); ``trial`` holds recovery-aware's post-alignment
+    ranking; `order` is the ranking the choice follows. ``block_forwards`` and ``wall_time_s``
+    count the whole selection, trials included."""
 
     evaluator: str
     metric: str | None
@@ -53,6 +86,20 @@ class SelectionRecord:
     naive: bool = False
     batches: int = 0
     rounds: list[dict] = field(default_factory=list)  # successive halving: per round, the survivors
+    strategy: str = "pre-recovery"  # compress.selection.strategy (histories before it: the paper's)
+    ranking: list[int] = field(default_factory=list)  # pre-alignment, best first (empty: derived from scores)
+    trial: TrialRecord | None = None  # recovery-aware only
+
+    def __post_init__(self) -> None:
+        if not self.ranking:
+            self.ranking = rank_candidates(self.scores, self.rounds, self.higher_is_better)
+
+    @property
+    def order(self) -> list[int]:
+        """Every candidate, best first, as the choice ranks them: recovery-aware's post-alignment
+        ranking of its shortlist, then the rest by the pre-alignment ranking."""
+        first = self.trial.ranking if self.trial is not None else []
+        return first + [k for k in self.ranking if k not in first]
 
 
 @dataclass
@@ -137,6 +184,8 @@ class History:
     def selection_to_json(record: SelectionRecord) -> dict:
         data = asdict(record)
         data["scores"] = {str(k): v for k, v in record.scores.items()}
+        if record.trial is not None:
+            data["trial"]["scores"] = {str(k): v for k, v in record.trial.scores.items()}
         return data
 
     @staticmethod
@@ -189,13 +238,32 @@ class _Reader:
                     latency_device=self.get(data, "latency_device", where, str, True),
                     extra=dict(self.get(data, "extra", where, dict, True) or {}))
 
-    def selection(self, data: dict, where: str) -> SelectionRecord:
+    def scores(self, data: dict, where: str) -> dict[int, float]:
         scores = self.get(data, "scores", where, dict)
         try:
-            scores = {int(k): (float(v) if v is not None else float("nan")) for k, v in scores.items()}
+            return {int(k): (float(v) if v is not None else float("nan")) for k, v in scores.items()}
         except (TypeError, ValueError):
-            self.fail(f"{where}.scores", "is not a map of block index -> score")
+            self.fail(f"{where}.scores".lstrip("."), "is not a map of block index -> score")
+
+    def indices(self, data: dict, key: str, where: str, optional: bool = False) -> list[int]:
+        values = self.get(data, key, where, list, optional) or []
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            self.fail(f"{where}.{key}".lstrip("."), "is not a list of block indices")
+        return list(values)
+
+    def trial(self, data: dict, where: str) -> TrialRecord:
+        return TrialRecord(
+            shortlist=self.indices(data, "shortlist", where), batches=self.get(data, "batches", where, int),
+            evaluator=self.get(data, "evaluator", where, str), metric=self.get(data, "metric", where, str, True),
+            higher_is_better=self.get(data, "higher_is_better", where, bool), scores=self.scores(data, where),
+            ranking=self.indices(data, "ranking", where),
+            block_forwards=self.get(data, "block_forwards", where, int, True) or 0,
+            wall_time_s=self.get(data, "wall_time_s", where, float, True) or 0.0)
+
+    def selection(self, data: dict, where: str) -> SelectionRecord:
+        scores = self.scores(data, where)
         chosen_original = self.get(data, "chosen_original", where, int)
+        trial = self.get(data, "trial", where, dict, True)
         return SelectionRecord(
             evaluator=self.get(data, "evaluator", where, str), metric=self.get(data, "metric", where, str, True),
             higher_is_better=self.get(data, "higher_is_better", where, bool), scores=scores,
@@ -207,7 +275,10 @@ class _Reader:
             wall_time_s=self.get(data, "wall_time_s", where, float, True) or 0.0,
             naive=bool(self.get(data, "naive", where, bool, True)),
             batches=self.get(data, "batches", where, int, True) or 0,
-            rounds=list(self.get(data, "rounds", where, list, True) or []))
+            rounds=list(self.get(data, "rounds", where, list, True) or []),
+            strategy=self.get(data, "strategy", where, str, True) or "pre-recovery",
+            ranking=self.indices(data, "ranking", where, optional=True),
+            trial=self.trial(trial, f"{where}.trial".lstrip(".")) if trial is not None else None)
 
     def step(self, data: dict, where: str) -> StepRecord:
         align = self.get(data, "align", where, dict)

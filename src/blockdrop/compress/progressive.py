@@ -21,7 +21,7 @@ import copy
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -29,8 +29,8 @@ from torch import nn
 from blockdrop.compress.align import align
 from blockdrop.compress.history import AlignRecord, Cost, History, SelectionRecord, StepRecord, TeacherRecord
 from blockdrop.compress.rules import stopping_rules, strategy_for
-from blockdrop.compress.selection import Halving, select_block
 from blockdrop.compress.stack import drop_original, kept_blocks
+from blockdrop.compress.strategies import SelectionContext, selection_strategy
 from blockdrop.core import distributed as dist
 from blockdrop.core.errors import BlockdropError
 from blockdrop.core.fileio import atomic_path, load_state, write_json
@@ -69,6 +69,7 @@ class Setup:
 def progressive_block_drop(setup: Setup, cfg: CompressConfig, out: Path, *, resume: bool = False) -> History:
     """Run the loop in ``out``; returns the history (also written to out/history.json)."""
     out = Path(out)
+    selector, context = selection_for(setup, cfg)
     history = _start(setup, out, resume)
     stop = cfg.stopping
     strategy = strategy_for(cfg.strategy, stop.max_blocks)
@@ -79,8 +80,9 @@ def progressive_block_drop(setup: Setup, cfg: CompressConfig, out: Path, *, resu
         step = len(history.steps) + 1
         recorded = (out / _step_name(step) / "selection.json").exists()
         setup.log(f"step {step}: " + ("resuming with the recorded selection" if recorded else
-                                      f"selecting among {len(history.kept_blocks)} blocks ({cfg.selection.evaluator})"))
-        merged, record = run_step(setup, cfg, strategy, student, history, step, out / _step_name(step), resume)
+                                      f"selecting among {len(history.kept_blocks)} blocks ({selector.name})"))
+        merged, record = run_step(setup, cfg, strategy, student, history, step, out / _step_name(step), resume,
+                                  selector=selector, context=context)
         rejection = _first(rule.reject(history, record) for rule in rules)
         if rejection:
             record.status, history.rejected, history.stopped = "rolled_back", record, rejection
@@ -101,12 +103,23 @@ def _first(reasons) -> str | None:
     return next(filter(None, reasons), None)
 
 
+def selection_for(setup: Setup, cfg: CompressConfig):
+    """(the selection strategy ``cfg.selection`` names, what it may use), checked against the targets."""
+    selector = selection_strategy(cfg)
+    context = SelectionContext(
+        target=setup.selection_target if setup.selection_target is not None else setup.target,
+        data=setup.selection_data, align_target=setup.target, train_data=setup.train_data,
+        teacher=setup.teacher if cfg.teacher_mode == "original" else None, alignment=cfg.alignment)
+    selector.check(context.target)
+    return selector, context
+
+
 def run_step(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, history: History, step: int,
-             step_dir: Path, resume: bool) -> tuple[nn.Module, StepRecord]:
+             step_dir: Path, resume: bool, *, selector, context: SelectionContext) -> tuple[nn.Module, StepRecord]:
     """One step on a copy of ``student``: select -> drop -> align + merge -> validate -> measure."""
     start = time.perf_counter()
     _enter(setup, step, SELECT)
-    selection = dist.main_result(lambda: _select(setup, cfg, strategy, student, step_dir))
+    selection = _select(selector, context, strategy, student, step_dir)
     selected = time.perf_counter()
     _enter(setup, step, ALIGN)
     student = copy.deepcopy(student)
@@ -147,19 +160,17 @@ def _validate_and_measure(setup: Setup, model: nn.Module) -> tuple[dict, Cost, d
     return val, cost, {"validate_s": round(t1 - t0, 3), "measure_s": round(time.perf_counter() - t1, 3)}
 
 
-def _select(setup: Setup, cfg: CompressConfig, strategy, student: nn.Module, step_dir: Path) -> SelectionRecord:
-    """The recorded choice of this step, or a fresh selection (recorded before anything changes).
-    Rank 0 only: `run_step` hands the result to the other ranks."""
+def _select(selector, context: SelectionContext, strategy, student: nn.Module, step_dir: Path) -> SelectionRecord:
+    """The recorded choice of this step (rank 0 reads it for all), or a fresh selection, recorded
+    before anything changes. Every rank calls the selector: what it scores runs on rank 0 and is
+    handed to the others, its trial alignments (recovery-aware) train on all ranks."""
     path = step_dir / "selection.json"
-    if path.exists():
-        return History.selection_from_json(load_state(path, json_file=True, remedy="delete it to select again, or "
-                                                      "start over with --overwrite"), str(path))
-    target = setup.selection_target if setup.selection_target is not None else setup.target
-    sel = cfg.selection
-    halving = Halving(sel.halving_first, sel.halving_keep) if sel.search == "halving" else None
-    result = select_block(student, target, setup.selection_data, evaluator=sel.evaluator, metric=sel.block_metric,
-                          halving=halving)
-    record = SelectionRecord(**{k: v for k, v in asdict(result).items()}, drop=[])
+    recorded = dist.main_result(lambda: History.selection_from_json(
+        load_state(path, json_file=True, remedy="delete it to select again, or start over with --overwrite"),
+        str(path)) if path.exists() else None)
+    if recorded is not None:
+        return recorded
+    record = selector.select(student, context)
     record.drop = strategy.drop(record)
     step_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():

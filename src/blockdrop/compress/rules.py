@@ -5,8 +5,10 @@ judge a finished step (`reject`: a reason to roll it back, or None). The strateg
 selection drops, how long the step's alignment trains, and when it is done (`done`):
 
 - `Progressive` (the method): the single best block, one alignment budget per step;
-- `OneShot` (the paper's ablation): the ``count`` best blocks of the first selection at once, one
-  alignment of ``count`` budgets, then stop.
+- `OneShot` (the paper's ablation): the ``count`` best blocks of the first selection at once (by
+  the selection's ranking), one alignment of ``count`` budgets, then stop.
+
+Which block is best is the selection strategy's business (compress/strategies.py).
 """
 
 from __future__ import annotations
@@ -96,9 +98,7 @@ class OneShot:
     count: int
 
     def drop(self, selection: SelectionRecord) -> list[int]:
-        ranked = sorted(selection.scores.items(),
-                        key=lambda kv: (-kv[1] if selection.higher_is_better else kv[1], kv[0]))
-        return sorted(original for original, _ in ranked[: self.count])
+        return sorted(selection.order[: self.count])  # the selection's own ranking (halving rounds, trials)
 
     def epochs(self, per_step: int, dropping: int) -> int:
         return per_step * dropping  # the same total budget as `dropping` progressive steps

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop.compress.history import rank_candidates
 from blockdrop.compress.stack import kept_blocks
 from blockdrop.compress.target import CompressionTarget, Scored, Supervised, blocks_of, run_blocks
 from blockdrop.core.errors import BlockdropError
@@ -38,6 +39,7 @@ from blockdrop.core.torchutil import eval_mode, model_device, to_device
 # "map" is the detector's name for "score": the target's own metric of each sub-network
 HIGHER_IS_BETTER = {"score": True, "map": True, "loss": False, "feature_mse": False, "feature_cosine": False}
 SCORE_EVALUATORS = ("score", "map")
+SUBNETWORK_EVALUATORS = (*SCORE_EVALUATORS, "loss")  # they score a model without block k (the others, block k)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class SelectionResult:
     naive: bool  # whether the naive method ran
     batches: int
     rounds: list = field(default_factory=list)  # successive halving: per round {candidates, batches, scores}
+    ranking: list = field(default_factory=list)  # original indices, best first (halving: survivors of later rounds first)
 
     def to_dict(self) -> dict:
         """Plain JSON types; score keys are strings, as they come back from a JSON file."""
@@ -66,12 +69,19 @@ class SelectionResult:
 
 # ---- counting and plumbing -----------------------------------------------------------------------
 
-class _ForwardCounter:
-    """Counts calls of the stack's blocks with forward pre-hooks, whoever calls them."""
+class ForwardCounter:
+    """Counts calls of the blocks of one or more stacks with forward pre-hooks, whoever calls them
+    (a context manager: the hooks are removed on exit)."""
 
-    def __init__(self, blocks: nn.Module):
+    def __init__(self, *stacks: nn.Module):
         self.count = 0
-        self._handles = [block.register_forward_pre_hook(self._hook) for block in blocks]
+        self._handles = [block.register_forward_pre_hook(self._hook) for blocks in stacks for block in blocks]
+
+    def __enter__(self) -> ForwardCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def _hook(self, module, args) -> None:
         self.count += 1
@@ -97,15 +107,6 @@ def _check_candidates(candidates, depth: int) -> list[int]:
     if not values:
         raise BlockdropError("select_block: candidates is empty: nothing to choose from")
     return sorted(set(values))
-
-
-def _choose(scores: dict[int, float], higher_is_better: bool) -> int:
-    """Best score wins; ties go to the lowest current position; NaN never wins."""
-    finite = [k for k, s in scores.items() if not math.isnan(s)]
-    if not finite:
-        raise BlockdropError("select_block: every candidate scored NaN; the model or the selection data is broken")
-    sign = -1.0 if higher_is_better else 1.0
-    return min(finite, key=lambda k: (sign * scores[k], k))
 
 
 # ---- the evaluators ------------------------------------------------------------------------------
@@ -187,22 +188,24 @@ def _feature_scores(model, target, loader, device, blocks, candidates, evaluator
 def _subnetwork_scores(model, target, loader, device, blocks, candidates, evaluator, metric, naive,
                        halving: Halving | None = None):
     """Every candidate on every batch; with ``halving``, successive halving over the data instead:
-    after ``first`` batches only the best ``keep`` fraction of the candidates goes on, the next
-    round ends at twice as many batches, and so on until one remains or the data ends. Each
-    candidate's predictions accumulate over the rounds, so nothing is computed twice; one pass
-    over the data. -> (scores, batches, rounds)."""
+    after ``first`` batches only the best ``keep`` fraction of the candidates goes on (never fewer
+    than the finalists: the share ``final`` of the candidates, rounded up), the next round ends at
+    twice as many batches, and so on until only the finalists remain: they are scored on the rest of
+    the data, all of it (with ``final`` 0, one finalist: the last survivor reads no more). Each candidate's predictions accumulate over the rounds,
+    so nothing is computed twice; one pass over the data. -> (scores, batches, rounds)."""
     acc = _SubnetworkScores(target, evaluator, metric, candidates)
     run_batch = _naive_batch if naive else _shared_prefix_batch
     alive, rounds = list(candidates), []
-    boundary = halving.first if halving is not None else None
+    finalists = halving.finalists(len(candidates)) if halving is not None else len(candidates)
+    boundary = halving.first if len(alive) > finalists else None
     for batch in loader:
         if len(alive) == 1 and halving is not None:
             break  # the last survivor needs no more data
         run_batch(model, target, to_device(batch, device), blocks, alive, acc)
         acc.batches += 1
         if boundary is not None and acc.batches == boundary:
-            alive = _halve(acc, alive, halving, rounds)
-            boundary *= 2
+            alive = _halve(acc, alive, halving, finalists, rounds)
+            boundary = boundary * 2 if len(alive) > finalists else None  # None: the finalists read it all
     if not acc.batches:
         return {}, 0, rounds
     final = acc.scores(alive)
@@ -218,18 +221,26 @@ class Halving:
 
     first: int = 2  # batches of the first round
     keep: float = 0.5  # fraction of the candidates that goes on after a round
+    # share of the candidates (rounded up, at least one) that halving keeps for a decision on all
+    # the data; 0: halve down to one, which reads no more (docs/benchmarks.md: why a third)
+    final: float = 0.33
 
     def __post_init__(self) -> None:
-        if self.first < 1 or not 0 < self.keep < 1:
-            raise BlockdropError(f"successive halving needs first >= 1 batch and 0 < keep < 1, got {self}")
+        if self.first < 1 or not 0 < self.keep < 1 or not 0 <= self.final <= 1:
+            raise BlockdropError(f"successive halving needs first >= 1 batch, 0 < keep < 1 and 0 <= final <= 1, "
+                                 f"got {self}")
+
+    def finalists(self, candidates: int) -> int:
+        """How many of ``candidates`` decide on all the data."""
+        return max(1, math.ceil(self.final * candidates - 1e-9))
 
 
-def _halve(acc: _SubnetworkScores, alive: list[int], halving: Halving, rounds: list) -> list[int]:
+def _halve(acc: _SubnetworkScores, alive: list[int], halving: Halving, finalists: int, rounds: list) -> list[int]:
     scores = acc.scores(alive)
     rounds.append({"candidates": sorted(alive), "batches": acc.batches, "scores": scores})
     sign = -1.0 if HIGHER_IS_BETTER[acc.evaluator] else 1.0
     ranked = sorted(alive, key=lambda k: (math.isnan(scores[k]), sign * scores[k], k))
-    return sorted(ranked[: max(1, math.ceil(halving.keep * len(alive)))])
+    return sorted(ranked[: max(finalists, math.ceil(halving.keep * len(alive)))])
 
 
 def naive_forwards(depth: int, candidates: list[int], evaluator: str) -> int:
@@ -253,6 +264,27 @@ def check_evaluator(target, evaluator: str, where: str = "evaluator") -> None:
     if evaluator == "loss" and not isinstance(target, Supervised):
         raise BlockdropError(f"{where}: 'loss' needs the target's task_loss, which {type(target).__name__} does "
                              f"not have; use feature_cosine or feature_mse")
+
+
+def score_model(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str, metric: str | None = None,
+                device=None) -> tuple[float, int]:
+    """The whole model (no block skipped) scored over ``loader`` by a sub-network evaluator ("score"
+    / "map" ranked by ``metric``, or "loss"): -> (score, batches). Eval mode under no_grad, training
+    flags restored; used to score a candidate after its trial alignment (compress/strategies.py)."""
+    check_evaluator(target, evaluator)
+    if evaluator not in SUBNETWORK_EVALUATORS:
+        raise BlockdropError(f"score_model: {evaluator!r} measures a block, not a model; use one of "
+                             f"{', '.join(SUBNETWORK_EVALUATORS)}")
+    device = torch.device(device) if device is not None else model_device(model)
+    acc = _SubnetworkScores(target, evaluator, metric, [0])
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            batch = to_device(batch, device)
+            acc.add(0, model, run_blocks(model, target, batch), batch)
+            acc.batches += 1
+    if not acc.batches:
+        raise BlockdropError("score_model: the selection loader yielded no batches")
+    return acc.scores()[0], acc.batches
 
 
 def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluator: str = "score",
@@ -281,7 +313,7 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
                              f"dropping one would leave none")
     candidates = _check_candidates(candidates, len(blocks))
     device = torch.device(device) if device is not None else model_device(model)
-    counter = _ForwardCounter(blocks)
+    counter = ForwardCounter(blocks)
     start = time.perf_counter()
     try:
         with eval_mode(model), torch.no_grad():
@@ -297,8 +329,10 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
         counter.remove()
     if not batches:
         raise BlockdropError("select_block: the selection loader yielded no batches")
-    finalists = rounds[-1]["candidates"] if rounds else list(scores)
-    chosen = _choose({k: scores[k] for k in finalists}, HIGHER_IS_BETTER[evaluator])
+    ranking = rank_candidates(scores, rounds, HIGHER_IS_BETTER[evaluator])
+    if math.isnan(scores[ranking[0]]):
+        raise BlockdropError("select_block: every candidate scored NaN; the model or the selection data is broken")
+    chosen = ranking[0]
     return SelectionResult(
         chosen=chosen, chosen_original=original[chosen], scores={original[k]: s for k, s in scores.items()},
         evaluator=evaluator, metric=metric if evaluator in SCORE_EVALUATORS else None,
@@ -306,4 +340,5 @@ def select_block(model: nn.Module, target: CompressionTarget, loader, *, evaluat
         naive_block_forwards=batches * naive_forwards(len(blocks), candidates, evaluator),
         wall_time_s=time.perf_counter() - start, naive=naive and not evaluator.startswith("feature"), batches=batches,
         rounds=[{"candidates": [original[k] for k in r["candidates"]], "batches": r["batches"],
-                 "scores": {str(original[k]): v for k, v in r["scores"].items()}} for r in rounds])
+                 "scores": {str(original[k]): v for k, v in r["scores"].items()}} for r in rounds],
+        ranking=[original[k] for k in ranking])

@@ -226,26 +226,51 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Step 1, block selection: how every remaining block's removal is scored (docs/compression.md)."""
+    """Step 1, block selection: which block a step drops, and how it is scored (docs/compression.md)."""
 
+    # pre-recovery: the block whose removal hurts `evaluator` least (the paper); block-influence:
+    # the block whose output is most like its input (1 - cosine, ShortGPT); truncate-last: the last
+    # kept block; recovery-aware: the `shortlist` best by `shortlist_by` (null: by `evaluator`, the
+    # pre-recovery ranking), each trial-aligned for `trial_batches` batches on a copy of the student,
+    # scored by `evaluator` after it
+    strategy: Literal["pre-recovery", "block-influence", "truncate-last", "recovery-aware"] = "pre-recovery"
     # map: the detection metric of the model without the block (the paper; "score" is the same for
     # any target: its own metric); loss: its ground-truth loss; feature_mse / feature_cosine: how
-    # much the block changes its input (block influence)
+    # much the block changes its input (block influence; recovery-aware then scores a trial by the
+    # alignment loss)
     evaluator: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] = "map"
     block_metric: str = "mAP@0.5"  # the map evaluator's score of a candidate (the released THUMOS recipe)
     videos: int | None = None  # score candidates on this many training videos, seeded (None: all)
     # exhaustive: every candidate on all selection data; halving: successive halving over the data
-    # (all candidates on halving_first batches, the best halving_keep go on to twice as many, ...)
-    # (windows in a seeded order, so that every slice samples all videos)
+    # (all candidates on halving_first batches, the best halving_keep go on to twice as many, ...,
+    # until the share halving_final of the candidates remains, which is scored on all of it; windows
+    # in a seeded order, so that every slice samples all videos)
     search: Literal["exhaustive", "halving"] = "exhaustive"
     halving_first: int = 8
     halving_keep: float = 0.5
+    # a third: the smallest share whose finalists held the full-data best in every step of the HAPT
+    # and synthetic runs (benchmarks/results/selection_cost.json; 2 finalists agreed in 0 of 3 HAPT steps)
+    halving_final: float = 0.33
+    # recovery-aware's defaults, measured on DINOv2-S's training side (benchmarks/recovery_defaults.py
+    # -> benchmarks/results/recovery_defaults.json, docs/benchmarks.md "Recovery-aware selection"):
+    # the block that recovered best was 2nd by the pre-recovery task score and 10th of 12 by block
+    # influence; trials of 4 and 8 batches among the task score's best 2..6 chose it, 16 did not
+    shortlist: int = 3  # recovery-aware: candidates given a trial alignment
+    # recovery-aware's ranking for the shortlist; null: `evaluator` (with `search`), the paper's score
+    shortlist_by: Literal["map", "score", "loss", "feature_mse", "feature_cosine"] | None = None
+    trial_batches: int = 4  # recovery-aware: alignment batches per shortlisted candidate (the same for all)
 
     def __post_init__(self) -> None:
         _positive("videos", self.videos)
         _positive("halving_first", self.halving_first)
+        if not 0 <= self.halving_final <= 1:
+            raise ValueError(f"'halving_final' must be in [0, 1], got {self.halving_final}")
+        _positive("trial_batches", self.trial_batches)
         if not 0 < self.halving_keep < 1:
             raise ValueError(f"'halving_keep' must be in (0, 1), got {self.halving_keep}")
+        if self.shortlist < 2:
+            raise ValueError(f"'shortlist' must be at least 2 (one candidate leaves nothing to compare), "
+                             f"got {self.shortlist}")
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,14 @@ def selection_text(step: StepRecord, top: int = 5) -> str:
     cost = (f" Cost: {sel.block_forwards} block forwards (naive: {sel.naive_block_forwards}), "
             f"{_fmt(sel.wall_time_s, '.0f')} s.")
     also = f" Dropped together (one-shot): {sel.drop}." if len(sel.drop) > 1 else ""
+    t = sel.trial
+    trial = (f" Recovery-aware: the {len(t.shortlist)} best ({t.shortlist}) each aligned for {t.batches} batches on a "
+             f"copy, then scored by {t.evaluator}{f' ({t.metric})' if t.metric else ''}: "
+             + ", ".join(f"{i}: {t.scores[i]:.3f}" for i in t.ranking) + ".") if t is not None else ""
     return (f"Step {step.step}: {len(ranked)} candidates scored by {sel.evaluator}"
             f"{f' ({sel.metric})' if sel.metric else ''}, {'higher' if sel.higher_is_better else 'lower'} is better, "
             f"without each block; chose original block {sel.chosen_original}. Best {min(top, len(ranked))} "
-            f"(original idx: score): {shown}; least removable: {worst[0]}: {worst[1]:.3f}.{also}{cost}")
+            f"(original idx: score): {shown}; least removable: {worst[0]}: {worst[1]:.3f}.{also}{trial}{cost}")
 
 
 def alignment_cells(step: StepRecord) -> list[str]:
